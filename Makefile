@@ -1,0 +1,67 @@
+# sd-operator: one entry point for development, tests and delivery.
+# `make dev` runs the main job on the local cluster; `make test` is what CI runs.
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+
+ROOT      := $(abspath .)
+VENV      := $(ROOT)/.venv
+PY        := $(VENV)/bin/python
+BIN       := $(ROOT)/.local/bin
+CLUSTER   := $(PY) tools/cluster/localcluster.py
+export PATH := $(BIN):$(VENV)/bin:$(PATH)
+
+# Debian packages the tooling needs (openssl for the cluster PKI).
+APT_PACKAGES := openssl
+
+.PHONY: help deps venv tools cluster-up cluster-down cluster-status cluster-clean dev lint unit integration test clean
+
+help: ## list the targets
+	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-16s %s\n", $$1, $$2}'
+
+deps: ## install the Debian packages the tooling needs (only the missing ones)
+	@missing=$$(for p in $(APT_PACKAGES); do dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q 'ok installed' || echo $$p; done); \
+	if [ -n "$$missing" ]; then \
+	  echo "deps: installing $$missing"; \
+	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing) >/dev/null; \
+	fi
+
+$(VENV)/.installed: operator/pyproject.toml operator/constraints.txt
+	python3 -m venv $(VENV)
+	$(VENV)/bin/pip install -q --disable-pip-version-check -c operator/constraints.txt -e 'operator[dev]'
+	touch $@
+
+venv: $(VENV)/.installed ## create the Python virtualenv with the pinned dependencies
+
+tools: ## build the pinned control-plane binaries and helm (cached outside the tree)
+	@bash tools/build-tools.sh
+
+cluster-up: deps venv tools ## start etcd, apiserver, controller-manager, scheduler and kwok on 127.0.0.1
+	@$(CLUSTER) up
+
+cluster-down: ## stop the local cluster; leaves no process and no bound port
+	@$(CLUSTER) down
+
+cluster-status: ## show which components of the local cluster run
+	@$(CLUSTER) status
+
+cluster-clean: ## stop the local cluster and delete its data
+	@$(CLUSTER) clean
+
+dev: deps venv tools ## the main job: local cluster, CRDs, operator in the foreground, examples
+	@bash tools/dev.sh
+
+lint: venv ## ruff (lint and format) and mypy
+	$(VENV)/bin/ruff check operator tests tools
+	$(VENV)/bin/ruff format --check operator tests tools
+	$(VENV)/bin/mypy
+
+unit: venv ## unit tests (no cluster)
+	$(PY) -m pytest tests/unit
+
+integration: deps venv tools ## integration tests on a real local cluster (or the one named by KUBECONFIG)
+	$(PY) -m pytest tests/integration
+
+test: deps venv tools lint unit integration ## everything CI runs
+
+clean: cluster-down ## remove the venv and local state (the tool cache stays)
+	rm -rf $(VENV) .local .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,154 @@
+"""SDInstance: one AUTOMATIC1111 WebUI deployment serving one fixed model."""
+
+from __future__ import annotations
+
+from enum import StrEnum
+
+from pydantic import ConfigDict, Field
+
+from sd_operator.api.base import (
+    GPU,
+    ApiModel,
+    Condition,
+    PVCPath,
+    Quantity,
+    Resources,
+    Scheduling,
+    SecretKeyRef,
+    at_most_one,
+    rule,
+    validations,
+)
+from sd_operator.api.models import ModelFamily, ModelFile
+
+DEFAULT_WEBUI_IMAGE = "ghcr.io/sd-operator/webui:0.1.0"
+DEFAULT_PORT = 7861
+
+# Flags the operator owns: letting extraArgs set them would break the one-model guarantee or the probes.
+RESERVED_FLAGS = ("--ckpt", "--ckpt-dir", "--port", "--api-auth", "--nowebui", "--ui-settings-file")
+
+
+class Attention(StrEnum):
+    AUTO = "auto"
+    XFORMERS = "xformers"
+    SDP = "sdp"
+
+
+class VRAMMode(StrEnum):
+    AUTO = "auto"
+    NONE = "none"
+    MEDVRAM = "medvram"
+    LOWVRAM = "lowvram"
+    MEDVRAM_SDXL = "medvram-sdxl"
+
+
+class Phase(StrEnum):
+    PENDING = "Pending"
+    DOWNLOADING = "Downloading"
+    LOADING = "Loading"
+    READY = "Ready"
+    DEGRADED = "Degraded"
+    FAILED = "Failed"
+
+
+class InstanceModel(ApiModel):
+    """The one model the instance serves, and the extra networks it preloads."""
+
+    family: ModelFamily = Field(description="Model family: sd15, sd2, sdxl or sd3. Chooses flags and defaults.")
+    checkpoint: ModelFile = Field(description="The checkpoint loaded at start (--ckpt); it never changes at runtime.")
+    vae: ModelFile | None = Field(None, description="A VAE to use instead of the checkpoint's own.")
+    loras: list[ModelFile] | None = Field(None, description="LoRAs to place in the LoRA folder.", max_length=200)
+    control_nets: list[ModelFile] | None = Field(
+        None, description="ControlNet models for the ControlNet extension.", max_length=50
+    )
+    embeddings: list[ModelFile] | None = Field(None, description="Textual-inversion embeddings.", max_length=200)
+
+
+class WebUI(ApiModel):
+    """How the AUTOMATIC1111 WebUI runs."""
+
+    model_config = ConfigDict(json_schema_extra=validations(
+        rule("!has(self.extraArgs) || !self.extraArgs.exists(a, "
+             + " || ".join(f"a == '{f}' || a.startsWith('{f}=')" for f in RESERVED_FLAGS) + ")",
+             "extraArgs: " + ", ".join(RESERVED_FLAGS) + " are set by the operator (the model is fixed by "
+             "spec.model; the port by webui.port; authentication by webui.apiAuthSecret)", ".extraArgs"),
+    ))  # fmt: skip
+
+    image: str = Field(DEFAULT_WEBUI_IMAGE, description="WebUI container image.", min_length=1)
+    image_pull_policy: str = Field(
+        "IfNotPresent", description="Image pull policy.", json_schema_extra={"enum": ["Always", "IfNotPresent", "Never"]}
+    )
+    attention: Attention = Field(
+        Attention.AUTO, description="Attention backend: auto (xformers), xformers (--xformers) or sdp (--opt-sdp-attention)."
+    )
+    vram_mode: VRAMMode = Field(
+        VRAMMode.AUTO,
+        alias="vramMode",
+        description="VRAM saving: auto picks from gpu.memoryGiB and the family (lowvram under 8 GiB, medvram "
+        "for 8-12 GiB, medvram-sdxl for SDXL under 16 GiB, none above); or none, medvram, lowvram, medvram-sdxl.",
+    )
+    no_half_vae: bool | None = Field(
+        None,
+        alias="noHalfVAE",
+        description="Run the VAE in full precision (--no-half-vae). Default: on for SDXL (black images otherwise).",
+    )
+    extra_args: list[str] | None = Field(None, description="Extra WebUI flags, appended last.", max_length=100)
+    api_auth_secret: SecretKeyRef | None = Field(
+        None, description="Secret key holding user:password[,user2:password2] for --api-auth."
+    )
+    port: int = Field(DEFAULT_PORT, description="Port the API listens on.", ge=1024, le=65535)
+
+
+class Storage(ApiModel):
+    """The model cache: a shared PersistentVolumeClaim, or ephemeral storage per pod (the default)."""
+
+    model_config = ConfigDict(json_schema_extra=validations(at_most_one("pvc", "ephemeral", what="storage")))
+
+    pvc: PVCPath | None = Field(
+        None, description="A shared claim (ReadWriteMany for several replicas); downloads are done once and locked."
+    )
+    ephemeral: EphemeralStorage | None = Field(None, description="Per-pod ephemeral storage (the default, 64Gi).")
+
+
+class EphemeralStorage(ApiModel):
+    """Per-pod ephemeral storage: models are downloaded by every new pod."""
+
+    size: Quantity = Field("64Gi", description="Size limit of the per-pod model cache.")
+
+
+Storage.model_rebuild()
+
+
+class SDInstanceSpec(ApiModel):
+    """The desired state of an SDInstance."""
+
+    model_config = ConfigDict(json_schema_extra=validations(
+        rule("!has(self.webui) || self.webui.vramMode != 'medvram-sdxl' || self.model.family == 'sdxl'",
+             "webui.vramMode: medvram-sdxl applies to SDXL models only (model.family: sdxl)", ".webui.vramMode"),
+    ))  # fmt: skip
+
+    model: InstanceModel = Field(description="The one model this instance serves.")
+    replicas: int = Field(1, description="Number of WebUI pods (each with its own GPUs).", ge=0, le=1000)
+    gpu: GPU = Field(default_factory=GPU, description="GPUs per pod and the GPU class.", json_schema_extra={"default": {}})
+    scheduling: Scheduling | None = Field(None, description="Node selection, tolerations, affinity, priority.")
+    resources: Resources | None = Field(None, description="CPU and memory of the WebUI container.")
+    webui: WebUI = Field(
+        default_factory=WebUI, description="WebUI image, flags and API settings.", json_schema_extra={"default": {}}
+    )
+    storage: Storage | None = Field(None, description="Where downloaded models are cached.")
+
+
+class SDInstanceStatus(ApiModel):
+    """The observed state of an SDInstance."""
+
+    phase: Phase | None = Field(None, description="Pending, Downloading, Loading, Ready, Degraded or Failed.")
+    message: str | None = Field(None, description="Why the instance is in its phase, for a person.")
+    conditions: list[Condition] | None = Field(None, description="Standard conditions (Ready, ModelFetched, ...).")
+    observed_generation: int | None = Field(None, description="The generation the status describes.")
+    replicas: int | None = Field(None, description="Pods that exist.")
+    ready_replicas: int | None = Field(None, description="Pods with the model loaded and the API answering.")
+    ready: str | None = Field(None, description="readyReplicas/replicas, for kubectl get.")
+    selector: str | None = Field(None, description="Label selector of the pods (scale subresource).")
+    endpoint: str | None = Field(None, description="In-cluster URL of the WebUI API.")
+    model_sha256: str | None = Field(None, alias="modelSHA256", description="SHA-256 of the loaded checkpoint.")
+    gpu: str | None = Field(None, description="GPU summary per pod, for kubectl get.")

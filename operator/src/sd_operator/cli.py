@@ -1,0 +1,36 @@
+"""The `sd-operator` command: one CLI whose subcommands are the operator, the services and the tools."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable, Sequence
+
+from sd_operator import API_GROUP, API_VERSION, __version__, crds
+
+Command = Callable[[argparse.Namespace], int]
+
+
+def _version(_: argparse.Namespace) -> int:
+    print(f"sd-operator {__version__} (API {API_GROUP}/{API_VERSION})")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="sd-operator", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"sd-operator {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    p = sub.add_parser("version", help="print the version and the API group/version")
+    p.set_defaults(func=_version)
+    crds.add_parser(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    func: Command = args.func
+    return func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
