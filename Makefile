@@ -13,7 +13,8 @@ export PATH := $(BIN):$(VENV)/bin:$(PATH)
 # Debian packages the tooling needs (openssl for the cluster PKI).
 APT_PACKAGES := openssl
 
-.PHONY: help deps venv tools cluster-up cluster-down cluster-status cluster-clean dev lint unit integration test clean
+.PHONY: help deps venv constraints tools crds cluster-up cluster-down cluster-status cluster-clean dev lint unit \
+        integration test clean
 
 help: ## list the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-16s %s\n", $$1, $$2}'
@@ -32,8 +33,16 @@ $(VENV)/.installed: operator/pyproject.toml operator/constraints.txt
 
 venv: $(VENV)/.installed ## create the Python virtualenv with the pinned dependencies
 
+constraints: venv ## re-pin the full dependency set after changing operator/pyproject.toml
+	{ echo '# The full pinned set (pip freeze) that the Makefile installs against; regenerate with `make constraints`.'; \
+	  $(VENV)/bin/pip freeze --exclude-editable; } > operator/constraints.txt
+
 tools: ## build the pinned control-plane binaries and helm (cached outside the tree)
 	@bash tools/build-tools.sh
+
+CRD_DIRS := crds $(if $(wildcard charts/sd-operator/Chart.yaml),charts/sd-operator/crds)
+crds: venv ## generate the CRDs from the API models into crds/ (and the chart's crds/)
+	$(VENV)/bin/sd-operator crds $(addprefix --out ,$(CRD_DIRS))
 
 cluster-up: deps venv tools ## start etcd, apiserver, controller-manager, scheduler and kwok on 127.0.0.1
 	@$(CLUSTER) up

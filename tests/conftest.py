@@ -17,6 +17,7 @@ import pytest
 from kubernetes import client, config
 from kubernetes.client.rest import ApiException
 
+import localcluster  # tools/cluster, on pytest's pythonpath
 from helpers import wait_for
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -52,8 +53,6 @@ def cluster() -> Iterator[Cluster]:
         path = Path(named.split(os.pathsep)[0])
         yield Cluster(path, config.new_client_from_config(config_file=str(path)), None)
         return
-    import localcluster  # tools/cluster, on pytest's pythonpath
-
     with localcluster.temporary_cluster() as local:
         api = config.new_client_from_config(config_file=str(local.cfg.kubeconfig))
         yield Cluster(local.cfg.kubeconfig, api, local)

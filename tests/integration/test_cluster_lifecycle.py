@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import json
-import os
 import socket
 import subprocess
 import sys
+from pathlib import Path
 
 from conftest import ROOT
 
@@ -42,14 +42,23 @@ def test_up_with_a_fleet_file_then_down_leaves_nothing(tmp_path) -> None:
         "  - {name: small, count: 1}\n"
     )
     base = _free_port_base()
-    args = [sys.executable, str(SCRIPT), "--workdir", str(tmp_path / "c"), "--fleet", str(fleet),
-            "--port-base", str(base)]  # fmt: skip
+    args = [
+        sys.executable,
+        str(SCRIPT),
+        "--workdir",
+        str(tmp_path / "c"),
+        "--fleet",
+        str(fleet),
+        "--port-base",
+        str(base),
+    ]
     up = subprocess.run([*args[:2], "up", *args[2:]], capture_output=True, text=True, check=False)
     assert up.returncode == 0, up.stderr
     try:
         kubectl = [str(ROOT / ".local" / "bin" / "kubectl"), f"--kubeconfig={tmp_path / 'c' / 'kubeconfig'}"]
-        nodes = json.loads(subprocess.run([*kubectl, "get", "nodes", "-o", "json"], capture_output=True,
-                                          text=True, check=True).stdout)["items"]  # fmt: skip
+        nodes = json.loads(
+            subprocess.run([*kubectl, "get", "nodes", "-o", "json"], capture_output=True, text=True, check=True).stdout
+        )["items"]
         names = sorted(n["metadata"]["name"] for n in nodes)
         assert names == ["big-0", "big-1", "big-2", "small-0"]
         big = next(n for n in nodes if n["metadata"]["name"] == "big-0")
@@ -62,5 +71,6 @@ def test_up_with_a_fleet_file_then_down_leaves_nothing(tmp_path) -> None:
         down = subprocess.run([*args[:2], "down", *args[2:]], capture_output=True, text=True, check=False)
     assert down.returncode == 0, down.stderr
     for pid in pids:
-        assert not os.path.exists(f"/proc/{pid}") or open(f"/proc/{pid}/stat").read().split(")")[-1].split()[0] == "Z"
+        stat = Path(f"/proc/{pid}/stat")
+        assert not stat.exists() or stat.read_text().split(")")[-1].split()[0] == "Z", f"pid {pid} still runs"
     assert not any(_listening(p) for p in range(base, base + 6))

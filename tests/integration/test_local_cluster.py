@@ -14,6 +14,7 @@ import pytest
 from kubernetes import client
 from kubernetes.client.rest import ApiException
 
+import localcluster
 from conftest import ROOT, Cluster
 from helpers import wait_for
 
@@ -32,8 +33,6 @@ def kwok_cluster(cluster: Cluster) -> Cluster:
 @pytest.fixture
 def gpu_pool(kwok_cluster: Cluster) -> str:
     """Two fake GPU nodes of this test's own (1 GPU each), so GPU counts are not shared with other tests."""
-    import localcluster
-
     pool = f"pool-{uuid.uuid4().hex[:6]}"
     group = {
         "name": pool,
@@ -120,8 +119,12 @@ def test_crd_schema_rejects_invalid_objects(cluster: Cluster) -> None:
         custom = client.CustomObjectsApi(cluster.api)
 
         def create(size: object) -> dict:
-            body = {"apiVersion": f"{group}/v1", "kind": "Widget", "metadata": {"name": f"w{size}"},
-                    "spec": {"size": size}}  # fmt: skip
+            body = {
+                "apiVersion": f"{group}/v1",
+                "kind": "Widget",
+                "metadata": {"name": f"w{size}"},
+                "spec": {"size": size},
+            }
             return custom.create_namespaced_custom_object(group, "v1", "default", "widgets", body)
 
         # The CRD may be Established a moment before its REST endpoint serves.
@@ -260,8 +263,10 @@ def test_job_pod_completes_and_job_succeeds(kwok_cluster: Cluster, namespace: st
 def test_kubectl_talks_to_the_cluster(cluster: Cluster) -> None:
     out = subprocess.run(
         [str(ROOT / ".local" / "bin" / "kubectl"), f"--kubeconfig={cluster.kubeconfig}", "version", "-o", "json"],
-        capture_output=True, text=True, check=True,
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     versions = json.loads(out.stdout)
     assert versions["serverVersion"]["gitVersion"].startswith("v1.")
     assert versions["clientVersion"]["gitVersion"] == versions["serverVersion"]["gitVersion"] or cluster.local is None

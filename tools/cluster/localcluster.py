@@ -27,7 +27,7 @@ import sys
 import tempfile
 import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -182,8 +182,22 @@ def ensure_pki(cfg: ClusterConfig) -> None:
         return
     shutil.rmtree(p, ignore_errors=True)
     p.mkdir(parents=True)
-    _openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out", "ca.crt",
-             "-days", "3650", "-subj", "/CN=sd-operator-local-ca", cwd=p)  # fmt: skip
+    _openssl(
+        "req",
+        "-x509",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-keyout",
+        "ca.key",
+        "-out",
+        "ca.crt",
+        "-days",
+        "3650",
+        "-subj",
+        "/CN=sd-operator-local-ca",
+        cwd=p,
+    )
     sans = f"IP:{cfg.host},DNS:localhost,DNS:kubernetes,DNS:kubernetes.default,DNS:kubernetes.default.svc"
     (p / "server.ext").write_text(f"subjectAltName={sans}\nextendedKeyUsage=serverAuth\n")
     (p / "client.ext").write_text("extendedKeyUsage=clientAuth\n")
@@ -191,10 +205,37 @@ def ensure_pki(cfg: ClusterConfig) -> None:
         ("apiserver", "/CN=kube-apiserver", "server.ext"),
         ("admin", "/O=system:masters/CN=admin", "client.ext"),
     ):
-        _openssl("req", "-newkey", "rsa:2048", "-nodes", "-keyout", f"{name}.key", "-out", f"{name}.csr",
-                 "-subj", subject, cwd=p)  # fmt: skip
-        _openssl("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.crt", "-CAkey", "ca.key",
-                 "-CAcreateserial", "-days", "3650", "-extfile", ext, "-out", f"{name}.crt", cwd=p)  # fmt: skip
+        _openssl(
+            "req",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-keyout",
+            f"{name}.key",
+            "-out",
+            f"{name}.csr",
+            "-subj",
+            subject,
+            cwd=p,
+        )
+        _openssl(
+            "x509",
+            "-req",
+            "-in",
+            f"{name}.csr",
+            "-CA",
+            "ca.crt",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-days",
+            "3650",
+            "-extfile",
+            ext,
+            "-out",
+            f"{name}.crt",
+            cwd=p,
+        )
     _openssl("genrsa", "-out", "sa.key", "2048", cwd=p)
     _openssl("rsa", "-in", "sa.key", "-pubout", "-out", "sa.pub", cwd=p)
     (p / "complete").touch()
@@ -388,12 +429,13 @@ class LocalCluster:
         (cfg.workdir / "logs").mkdir(parents=True, exist_ok=True)
         ensure_pki(cfg)
         write_kubeconfig(cfg)
-        state = {"ports": asdict(cfg.ports), "host": cfg.host, "pids": {}}
+        pids: dict[str, int] = {}
+        state = {"ports": asdict(cfg.ports), "host": cfg.host, "pids": pids}
         self._save_state(state)
         cmds = commands(cfg)
         try:
             for name in COMPONENTS:
-                state["pids"][name] = self._spawn(name, cmds[name])
+                pids[name] = self._spawn(name, cmds[name])
                 self._save_state(state)
                 self._wait_component(name)
             self.apply_fleet(load_fleet(cfg.fleet_file))
@@ -407,11 +449,17 @@ class LocalCluster:
         log = open(self.cfg.workdir / "logs" / f"{name}.log", "ab")  # noqa: SIM115 - handed to the child
         with log:
             # A session of its own: the component outlives this script, and `down` can stop its group.
-            proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                    start_new_session=True, cwd=self.cfg.workdir)  # fmt: skip
+            proc = subprocess.Popen(
+                cmd,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,
+                cwd=self.cfg.workdir,
+            )
         return proc.pid
 
-    def _wait(self, what: str, check, component: str | None = None) -> None:
+    def _wait(self, what: str, check: Callable[[], bool], component: str | None = None) -> None:
         deadline = time.monotonic() + self.cfg.start_timeout
         while time.monotonic() < deadline:
             if check():
@@ -537,8 +585,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--bindir", type=Path, default=Path(os.environ.get("SD_BIN_DIR", DEFAULT_BINDIR)))
     parser.add_argument("--fleet", type=Path, default=Path(os.environ.get("SD_FLEET", DEFAULT_FLEET)))
     parser.add_argument("--host", default=os.environ.get("SD_CLUSTER_HOST", "127.0.0.1"))
-    parser.add_argument("--port-base", type=int, default=int(os.environ.get("SD_CLUSTER_PORT_BASE", "16440")),
-                        help="first of six consecutive ports (etcd client, etcd peer, apiserver, kcm, scheduler, kwok)")  # fmt: skip
+    parser.add_argument(
+        "--port-base",
+        type=int,
+        default=int(os.environ.get("SD_CLUSTER_PORT_BASE", "16440")),
+        help="first of six consecutive ports (etcd client, etcd peer, apiserver, kcm, scheduler, kwok)",
+    )
     parser.add_argument("--pod-cidr", default=os.environ.get("SD_POD_CIDR", "10.244.0.0/16"))
     parser.add_argument("--service-cidr", default=os.environ.get("SD_SERVICE_CIDR", "10.96.0.0/16"))
     args = parser.parse_args(argv)

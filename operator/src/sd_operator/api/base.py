@@ -132,10 +132,15 @@ class Scheduling(ApiModel):
 class GPU(ApiModel):
     """The GPUs each pod gets, and the card class it runs on."""
 
-    model_config = ConfigDict(json_schema_extra=validations(
-        rule("!has(self.matchMemory) || !self.matchMemory || has(self.memoryGiB)",
-             "gpu.matchMemory needs gpu.memoryGiB", ".matchMemory"),
-    ))  # fmt: skip
+    model_config = ConfigDict(
+        json_schema_extra=validations(
+            rule(
+                "!has(self.matchMemory) || !self.matchMemory || has(self.memoryGiB)",
+                "gpu.matchMemory needs gpu.memoryGiB",
+                ".matchMemory",
+            ),
+        )
+    )
 
     count: int = Field(1, description="GPUs per pod.", ge=1, le=16)
     resource_name: str = Field(

@@ -15,12 +15,36 @@ from pydantic import BaseModel
 
 # JSON Schema keywords a CRD schema accepts (apiextensions JSONSchemaProps), minus the forbidden ones.
 ALLOWED = {
-    "type", "format", "description", "default", "enum", "maximum", "minimum", "exclusiveMaximum",
-    "exclusiveMinimum", "maxLength", "minLength", "pattern", "maxItems", "minItems", "multipleOf",
-    "maxProperties", "minProperties", "required", "items", "properties", "additionalProperties", "nullable",
-    "x-kubernetes-preserve-unknown-fields", "x-kubernetes-int-or-string", "x-kubernetes-validations",
-    "x-kubernetes-list-type", "x-kubernetes-list-map-keys", "x-kubernetes-map-type", "anyOf",
-}  # fmt: skip
+    "type",
+    "format",
+    "description",
+    "default",
+    "enum",
+    "maximum",
+    "minimum",
+    "exclusiveMaximum",
+    "exclusiveMinimum",
+    "maxLength",
+    "minLength",
+    "pattern",
+    "maxItems",
+    "minItems",
+    "multipleOf",
+    "maxProperties",
+    "minProperties",
+    "required",
+    "items",
+    "properties",
+    "additionalProperties",
+    "nullable",
+    "x-kubernetes-preserve-unknown-fields",
+    "x-kubernetes-int-or-string",
+    "x-kubernetes-validations",
+    "x-kubernetes-list-type",
+    "x-kubernetes-list-map-keys",
+    "x-kubernetes-map-type",
+    "anyOf",
+}
 DROPPED = {"title", "$defs", "discriminator"}
 UNSUPPORTED = {"prefixItems", "patternProperties", "dependencies", "$schema", "oneOf", "allOf", "not", "const"}
 
@@ -85,9 +109,7 @@ def _convert(node: dict[str, Any], defs: dict[str, Any], path: str) -> dict[str,
             node[flag] = node.pop(bound)
             node[bound] = True
     if "properties" in node:
-        node["properties"] = {
-            name: _convert(sub, defs, f"{path}.{name}") for name, sub in node["properties"].items()
-        }
+        node["properties"] = {name: _convert(sub, defs, f"{path}.{name}") for name, sub in node["properties"].items()}
         node.setdefault("type", "object")
     if "items" in node:
         node["items"] = _convert(node["items"], defs, f"{path}[]")

@@ -8,8 +8,6 @@ from pydantic import ConfigDict, Field
 
 from sd_operator.api.base import ApiModel, rule, validations
 
-SIZE = {"ge": 64, "le": 2048, "multiple_of": 8}
-
 
 class ControlNetType(StrEnum):
     CANNY = "canny"
@@ -34,10 +32,15 @@ class LoRAUse(ApiModel):
 class ControlNetUnit(ApiModel):
     """One ControlNet unit (the extension's alwayson_scripts args)."""
 
-    model_config = ConfigDict(json_schema_extra=validations(
-        rule("!has(self.guidanceStart) || !has(self.guidanceEnd) || self.guidanceStart <= self.guidanceEnd",
-             "guidanceStart must be less than or equal to guidanceEnd", ".guidanceStart"),
-    ))  # fmt: skip
+    model_config = ConfigDict(
+        json_schema_extra=validations(
+            rule(
+                "!has(self.guidanceStart) || !has(self.guidanceEnd) || self.guidanceStart <= self.guidanceEnd",
+                "guidanceStart must be less than or equal to guidanceEnd",
+                ".guidanceStart",
+            ),
+        )
+    )
 
     type: ControlNetType = Field(description="Control type; chooses the preprocessor and recommended weight and CFG.")
     model: str | None = Field(None, description="ControlNet model name; default: the instance's model for the type.")
@@ -60,8 +63,12 @@ class GenerationParams(ApiModel):
     """txt2img parameters. Unset values come from the preset, then from the services layer's defaults."""
 
     negative_prompt: str | None = Field(None, description="Negative prompt.", max_length=8192)
-    width: int | None = Field(None, description="Width in pixels: a multiple of 8 within 64-2048.", **SIZE)
-    height: int | None = Field(None, description="Height in pixels: a multiple of 8 within 64-2048.", **SIZE)
+    width: int | None = Field(
+        None, description="Width in pixels: a multiple of 8 within 64-2048.", ge=64, le=2048, multiple_of=8
+    )
+    height: int | None = Field(
+        None, description="Height in pixels: a multiple of 8 within 64-2048.", ge=64, le=2048, multiple_of=8
+    )
     steps: int | None = Field(None, description="Sampling steps, 1-150.", ge=1, le=150)
     cfg_scale: float | None = Field(None, description="Classifier-free guidance scale, 1-30.", ge=1, le=30)
     sampler: str | None = Field(None, description="Sampler name, e.g. DPM++ 2M.", max_length=100)

@@ -66,9 +66,11 @@ class ConfigMapKeyRef(ApiModel):
 class Items(ApiModel):
     """The prompts: inline, or JSON Lines (one item object per line) in a ConfigMap or on a volume."""
 
-    model_config = ConfigDict(json_schema_extra=validations(
-        exactly_one("inline", "configMap", "file", what="items"),
-    ))  # fmt: skip
+    model_config = ConfigDict(
+        json_schema_extra=validations(
+            exactly_one("inline", "configMap", "file", what="items"),
+        )
+    )
 
     inline: list[Item] | None = Field(None, description="Items written in the object itself.", max_length=1000)
     config_map: ConfigMapKeyRef | None = Field(None, description="JSON Lines in a ConfigMap key.")
@@ -103,21 +105,27 @@ class Output(ApiModel):
     pvc: PVCPath | None = Field(None, description="A folder on a PersistentVolumeClaim.")
     s3: S3Location | None = Field(None, description="A bucket and key prefix.")
     format: ImageFormat = Field(ImageFormat.PNG, description="Image format: png, jpeg or webp.")
-    metadata: bool = Field(True, description="Write a JSON sidecar (prompt, parameters, seed, model, timings) per image.")
+    metadata: bool = Field(
+        True, description="Write a JSON sidecar (prompt, parameters, seed, model, timings) per image."
+    )
 
 
 class GenerationBatchSpec(ApiModel):
     """The desired state of a GenerationBatch. Only suspend, concurrency, priority and TTL may change."""
 
-    model_config = ConfigDict(json_schema_extra=validations(
-        rule("has(self.items) || has(self.sweep)", "spec: set items or sweep (or both)"),
-    ))  # fmt: skip
+    model_config = ConfigDict(
+        json_schema_extra=validations(
+            rule("has(self.items) || has(self.sweep)", "spec: set items or sweep (or both)"),
+        )
+    )
 
     target: Target = Field(description="The model that renders the images.", json_schema_extra=immutable("target"))
     preset: str | None = Field(None, description="Preset of the services layer (e.g. anime_portrait).", min_length=1)
     prompt_prefix: str | None = Field(None, description="Text put before every prompt.", max_length=2048)
     defaults: GenerationParams | None = Field(
-        None, description="Parameters for every item, unless it overrides them.", json_schema_extra=immutable("defaults")
+        None,
+        description="Parameters for every item, unless it overrides them.",
+        json_schema_extra=immutable("defaults"),
     )
     items: Items | None = Field(None, description="The prompts.", json_schema_extra=immutable("items"))
     sweep: Sweep | None = Field(
@@ -163,5 +171,7 @@ class GenerationBatchStatus(ApiModel):
     )
     output_location: str | None = Field(None, description="Where the images are (a path or an s3:// URL).")
     failures: list[Failure] | None = Field(
-        None, description=f"Up to {MAX_FAILURES_IN_STATUS} failed items with reasons.", max_length=MAX_FAILURES_IN_STATUS
+        None,
+        description=f"Up to {MAX_FAILURES_IN_STATUS} failed items with reasons.",
+        max_length=MAX_FAILURES_IN_STATUS,
     )

@@ -9,9 +9,9 @@ from pydantic import ConfigDict, Field
 from sd_operator.api.base import (
     DNS_SUBDOMAIN,
     GPU,
+    RELATIVE_PATH,
     ApiModel,
     Condition,
-    RELATIVE_PATH,
     PVCPath,
     Resources,
     S3Location,
@@ -70,9 +70,11 @@ class MixedPrecision(StrEnum):
 class BaseModelSpec(ApiModel):
     """The model the LoRA is trained on: a checkpoint source, or the model of an SDInstance."""
 
-    model_config = ConfigDict(json_schema_extra=validations(
-        exactly_one("checkpoint", "fromInstance", what="baseModel"),
-    ))  # fmt: skip
+    model_config = ConfigDict(
+        json_schema_extra=validations(
+            exactly_one("checkpoint", "fromInstance", what="baseModel"),
+        )
+    )
 
     family: ModelFamily = Field(description="Model family: sd15, sd2, sdxl (sdxl uses sdxl_train_network.py).")
     checkpoint: ModelFile | None = Field(None, description="The base checkpoint and its source.")
@@ -112,8 +114,9 @@ class Dataset(ApiModel):
         min_length=1,
         max_length=100,
     )
-    caption_extension: str = Field(".txt", description="Caption file extension (sd-scripts' default is .caption).",
-                                   pattern=r"^\.[A-Za-z0-9]+$")  # fmt: skip
+    caption_extension: str = Field(
+        ".txt", description="Caption file extension (sd-scripts' default is .caption).", pattern=r"^\.[A-Za-z0-9]+$"
+    )
     subsets: list[Subset] | None = Field(
         None, description="Explicit subsets; default: one per folder named like '100_mystyle person'.", max_length=100
     )
@@ -122,16 +125,23 @@ class Dataset(ApiModel):
 class Training(ApiModel):
     """sd-scripts hyperparameters. Unset values follow what works for the family and the GPU's memory."""
 
-    model_config = ConfigDict(json_schema_extra=validations(
-        rule("!has(self.networkAlpha) || self.networkAlpha <= double(self.networkDim)",
-             "training.networkAlpha must be less than or equal to training.networkDim", ".networkAlpha"),
-    ))  # fmt: skip
+    model_config = ConfigDict(
+        json_schema_extra=validations(
+            rule(
+                "!has(self.networkAlpha) || self.networkAlpha <= double(self.networkDim)",
+                "training.networkAlpha must be less than or equal to training.networkDim",
+                ".networkAlpha",
+            ),
+        )
+    )
 
     network_dim: int = Field(32, description="LoRA rank (--network_dim). Above 64 tends to overfit.", ge=1, le=1024)
     network_alpha: float | None = Field(None, description="LoRA alpha (--network_alpha); default networkDim/2.", gt=0)
     learning_rate: float = Field(1e-4, description="Learning rate (--learning_rate).", gt=0, le=1)
     unet_lr: float | None = Field(None, description="U-Net learning rate (--unet_lr).", gt=0, le=1)
-    text_encoder_lr: float | None = Field(None, description="Text encoder learning rate (--text_encoder_lr).", gt=0, le=1)
+    text_encoder_lr: float | None = Field(
+        None, description="Text encoder learning rate (--text_encoder_lr).", gt=0, le=1
+    )
     lr_scheduler: LRScheduler = Field(LRScheduler.COSINE_WITH_RESTARTS, description="Learning-rate schedule.")
     lr_scheduler_num_cycles: int = Field(3, description="Restarts of cosine_with_restarts.", ge=1, le=100)
     lr_warmup_steps: int = Field(0, description="Warm-up steps.", ge=0)
@@ -139,9 +149,12 @@ class Training(ApiModel):
     epochs: int = Field(10, description="Epochs (--max_train_epochs).", ge=1, le=1000)
     batch_size: int = Field(1, description="Batch size (--train_batch_size).", ge=1, le=64)
     resolution: int | None = Field(
-        None, description="Training resolution; default 512 (sd15), 768 (sd2), 1024 (sdxl; 768 on GPUs under 16 GiB).",
-        ge=256, le=2048, multiple_of=64,
-    )  # fmt: skip
+        None,
+        description="Training resolution; default 512 (sd15), 768 (sd2), 1024 (sdxl; 768 on GPUs under 16 GiB).",
+        ge=256,
+        le=2048,
+        multiple_of=64,
+    )
     mixed_precision: MixedPrecision = Field(MixedPrecision.FP16, description="no, fp16 or bf16.")
     gradient_checkpointing: bool | None = Field(None, description="Trade speed for memory; default on.")
     max_grad_norm: float = Field(1.0, description="Gradient clipping (--max_grad_norm); 0 disables.", ge=0)
@@ -173,8 +186,9 @@ class TrainingOutput(ApiModel):
 class Evaluation(ApiModel):
     """A GenerationBatch that renders prompts at several LoRA weights once training is done."""
 
-    prompts: list[str] = Field(description="Evaluation prompts (the trigger word is added).", min_length=1,
-                               max_length=100)  # fmt: skip
+    prompts: list[str] = Field(
+        description="Evaluation prompts (the trigger word is added).", min_length=1, max_length=100
+    )
     weights: list[float] = Field(
         [0.6, 0.8, 1.0],
         description="LoRA weights to render, each within -2..2.",
@@ -189,18 +203,25 @@ class Evaluation(ApiModel):
 class LoRAJobSpec(ApiModel):
     """The desired state of a LoRAJob. Everything but suspend, publishTo and TTL is immutable."""
 
-    base_model: BaseModelSpec = Field(description="The model to train on.",
-                                      json_schema_extra=immutable("baseModel", _IMMUTABLE_ADVICE))  # fmt: skip
-    dataset: Dataset = Field(description="Images and captions.", json_schema_extra=immutable("dataset", _IMMUTABLE_ADVICE))
+    base_model: BaseModelSpec = Field(
+        description="The model to train on.", json_schema_extra=immutable("baseModel", _IMMUTABLE_ADVICE)
+    )
+    dataset: Dataset = Field(
+        description="Images and captions.", json_schema_extra=immutable("dataset", _IMMUTABLE_ADVICE)
+    )
     training: Training = Field(
         default_factory=Training,
         description="Hyperparameters.",
         json_schema_extra={"default": {}, **immutable("training", _IMMUTABLE_ADVICE)},
     )
-    output: TrainingOutput = Field(description="Name and destination of the result.",
-                                   json_schema_extra=immutable("output", _IMMUTABLE_ADVICE))  # fmt: skip
-    gpu: GPU = Field(default_factory=GPU, description="GPUs of the training pod.",
-                     json_schema_extra={"default": {}, **immutable("gpu", _IMMUTABLE_ADVICE)})  # fmt: skip
+    output: TrainingOutput = Field(
+        description="Name and destination of the result.", json_schema_extra=immutable("output", _IMMUTABLE_ADVICE)
+    )
+    gpu: GPU = Field(
+        default_factory=GPU,
+        description="GPUs of the training pod.",
+        json_schema_extra={"default": {}, **immutable("gpu", _IMMUTABLE_ADVICE)},
+    )
     scheduling: Scheduling | None = Field(None, description="Node selection, tolerations, affinity, priority.")
     resources: Resources | None = Field(None, description="CPU and memory of the trainer container.")
     image: str = Field(DEFAULT_TRAINER_IMAGE, description="Trainer image (sd-scripts and the wrapper).", min_length=1)
@@ -247,8 +268,9 @@ class Publication(ApiModel):
 class LoRAJobStatus(ApiModel):
     """The observed state of a LoRAJob."""
 
-    phase: Phase | None = Field(None, description="Pending, Validating, Running, Publishing, Evaluating, "
-                                "Succeeded, Failed or Suspended.")  # fmt: skip
+    phase: Phase | None = Field(
+        None, description="Pending, Validating, Running, Publishing, Evaluating, Succeeded, Failed or Suspended."
+    )
     message: str | None = Field(None, description="Why the job is in its phase, for a person.")
     conditions: list[Condition] | None = Field(None, description="DatasetValid, Complete, Failed and warnings.")
     observed_generation: int | None = Field(None, description="The generation the status describes.")
@@ -256,5 +278,9 @@ class LoRAJobStatus(ApiModel):
     artifacts: list[Artifact] | None = Field(None, description="Saved LoRA files.")
     published: list[Publication] | None = Field(None, description="Where the LoRA was published.")
     evaluation_batch: str | None = Field(None, description="The GenerationBatch with the evaluation images.")
-    start_time: str | None = Field(None, description="When training started.", json_schema_extra={"format": "date-time"})
-    completion_time: str | None = Field(None, description="When the job ended.", json_schema_extra={"format": "date-time"})
+    start_time: str | None = Field(
+        None, description="When training started.", json_schema_extra={"format": "date-time"}
+    )
+    completion_time: str | None = Field(
+        None, description="When the job ended.", json_schema_extra={"format": "date-time"}
+    )

@@ -48,9 +48,7 @@ class HuggingFaceSource(ApiModel):
         pattern=r"^[A-Za-z0-9][A-Za-z0-9_.\-]*/[A-Za-z0-9][A-Za-z0-9_.\-]*$",
         max_length=200,
     )
-    file: str = Field(
-        description="Path of the file in the repository.", pattern=RELATIVE_PATH, max_length=1024
-    )
+    file: str = Field(description="Path of the file in the repository.", pattern=RELATIVE_PATH, max_length=1024)
     revision: str = Field("main", description="Branch, tag or commit.", min_length=1, max_length=200)
     token_secret: SecretKeyRef | None = Field(None, description="Secret key holding a Hugging Face access token.")
     endpoint: str | None = Field(
@@ -61,9 +59,11 @@ class HuggingFaceSource(ApiModel):
 class ModelSource(ApiModel):
     """Where a model file comes from: exactly one of http, huggingFace, s3 or pvc."""
 
-    model_config = ConfigDict(json_schema_extra=validations(
-        exactly_one("http", "huggingFace", "s3", "pvc", what="source"),
-    ))  # fmt: skip
+    model_config = ConfigDict(
+        json_schema_extra=validations(
+            exactly_one("http", "huggingFace", "s3", "pvc", what="source"),
+        )
+    )
 
     http: HTTPSource | None = Field(None, description="Download over http(s).")
     hugging_face: HuggingFaceSource | None = Field(None, description="Download from the Hugging Face Hub.")
@@ -83,11 +83,16 @@ _NOT_PICKLE = " && ".join(f"!self.name.endsWith('{s}')" for s in PICKLE_SUFFIXES
 class ModelFile(ApiModel):
     """A model file (checkpoint, VAE, LoRA, ControlNet model or embedding) and its source."""
 
-    model_config = ConfigDict(json_schema_extra=validations(
-        rule(f"(has(self.allowUnsafePickle) && self.allowUnsafePickle) || ({_NOT_PICKLE})",
-             "name: pickle formats (.ckpt, .pt, .pth, .bin) can run arbitrary code when loaded; "
-             "use a .safetensors file or set allowUnsafePickle: true", ".name"),
-    ))  # fmt: skip
+    model_config = ConfigDict(
+        json_schema_extra=validations(
+            rule(
+                f"(has(self.allowUnsafePickle) && self.allowUnsafePickle) || ({_NOT_PICKLE})",
+                "name: pickle formats (.ckpt, .pt, .pth, .bin) can run arbitrary code when loaded; "
+                "use a .safetensors file or set allowUnsafePickle: true",
+                ".name",
+            ),
+        )
+    )
 
     name: str = Field(
         description="File name in the models folder, e.g. sd_xl_base_1.0.safetensors. Also the name the WebUI "

@@ -67,19 +67,28 @@ class InstanceModel(ApiModel):
 class WebUI(ApiModel):
     """How the AUTOMATIC1111 WebUI runs."""
 
-    model_config = ConfigDict(json_schema_extra=validations(
-        rule("!has(self.extraArgs) || !self.extraArgs.exists(a, "
-             + " || ".join(f"a == '{f}' || a.startsWith('{f}=')" for f in RESERVED_FLAGS) + ")",
-             "extraArgs: " + ", ".join(RESERVED_FLAGS) + " are set by the operator (the model is fixed by "
-             "spec.model; the port by webui.port; authentication by webui.apiAuthSecret)", ".extraArgs"),
-    ))  # fmt: skip
+    model_config = ConfigDict(
+        json_schema_extra=validations(
+            rule(
+                "!has(self.extraArgs) || !self.extraArgs.exists(a, "
+                + " || ".join(f"a == '{f}' || a.startsWith('{f}=')" for f in RESERVED_FLAGS)
+                + ")",
+                "extraArgs: " + ", ".join(RESERVED_FLAGS) + " are set by the operator (the model is fixed by "
+                "spec.model; the port by webui.port; authentication by webui.apiAuthSecret)",
+                ".extraArgs",
+            ),
+        )
+    )
 
     image: str = Field(DEFAULT_WEBUI_IMAGE, description="WebUI container image.", min_length=1)
     image_pull_policy: str = Field(
-        "IfNotPresent", description="Image pull policy.", json_schema_extra={"enum": ["Always", "IfNotPresent", "Never"]}
+        "IfNotPresent",
+        description="Image pull policy.",
+        json_schema_extra={"enum": ["Always", "IfNotPresent", "Never"]},
     )
     attention: Attention = Field(
-        Attention.AUTO, description="Attention backend: auto (xformers), xformers (--xformers) or sdp (--opt-sdp-attention)."
+        Attention.AUTO,
+        description="Attention backend: auto (xformers), xformers (--xformers) or sdp (--opt-sdp-attention).",
     )
     vram_mode: VRAMMode = Field(
         VRAMMode.AUTO,
@@ -122,14 +131,21 @@ Storage.model_rebuild()
 class SDInstanceSpec(ApiModel):
     """The desired state of an SDInstance."""
 
-    model_config = ConfigDict(json_schema_extra=validations(
-        rule("!has(self.webui) || self.webui.vramMode != 'medvram-sdxl' || self.model.family == 'sdxl'",
-             "webui.vramMode: medvram-sdxl applies to SDXL models only (model.family: sdxl)", ".webui.vramMode"),
-    ))  # fmt: skip
+    model_config = ConfigDict(
+        json_schema_extra=validations(
+            rule(
+                "!has(self.webui) || self.webui.vramMode != 'medvram-sdxl' || self.model.family == 'sdxl'",
+                "webui.vramMode: medvram-sdxl applies to SDXL models only (model.family: sdxl)",
+                ".webui.vramMode",
+            ),
+        )
+    )
 
     model: InstanceModel = Field(description="The one model this instance serves.")
     replicas: int = Field(1, description="Number of WebUI pods (each with its own GPUs).", ge=0, le=1000)
-    gpu: GPU = Field(default_factory=GPU, description="GPUs per pod and the GPU class.", json_schema_extra={"default": {}})
+    gpu: GPU = Field(
+        default_factory=GPU, description="GPUs per pod and the GPU class.", json_schema_extra={"default": {}}
+    )
     scheduling: Scheduling | None = Field(None, description="Node selection, tolerations, affinity, priority.")
     resources: Resources | None = Field(None, description="CPU and memory of the WebUI container.")
     webui: WebUI = Field(
