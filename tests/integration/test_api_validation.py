@@ -338,9 +338,9 @@ def test_generationbatch_work_is_immutable_but_concurrency_is_not(api: client.Cu
 
 
 def test_kubectl_explain_shows_the_descriptions(api: client.CustomObjectsApi, cluster: Cluster) -> None:
-    out = kubectl(cluster, "explain", "sdinstance.spec.webui.vramMode")
-    assert "lowvram under 8 GiB" in out
-    out = kubectl(cluster, "explain", "lj.spec.training.networkDim")
+    out = " ".join(kubectl(cluster, "explain", "sdinstance.spec.webui.vramMode").split())
+    assert "lowvram under 8 GiB" in out and "ENUM: auto" in out
+    out = " ".join(kubectl(cluster, "explain", "lj.spec.training.networkDim").split())
     assert "Above 64 tends to overfit" in out
 
 

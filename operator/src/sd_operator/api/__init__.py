@@ -122,6 +122,44 @@ GENERATIONBATCH = Kind(
 KINDS = (SDINSTANCE, LORAJOB, GENERATIONBATCH)
 
 
+def peering_crd(scope: str) -> dict[str, Any]:
+    """kopf's peering resource, so that of several operator replicas only one acts at a time."""
+    kind = "ClusterKopfPeering" if scope == "Cluster" else "KopfPeering"
+    return {
+        "apiVersion": "apiextensions.k8s.io/v1",
+        "kind": "CustomResourceDefinition",
+        "metadata": {"name": f"{kind.lower()}s.kopf.dev", "labels": {"app.kubernetes.io/part-of": "sd-operator"}},
+        "spec": {
+            "group": "kopf.dev",
+            "scope": scope,
+            "names": {"kind": kind, "plural": f"{kind.lower()}s", "singular": kind.lower()},
+            "versions": [
+                {
+                    "name": "v1",
+                    "served": True,
+                    "storage": True,
+                    "schema": {
+                        "openAPIV3Schema": {
+                            "type": "object",
+                            "description": "Operator replicas announce themselves here (kopf peering).",
+                            "properties": {
+                                "status": {
+                                    "type": "object",
+                                    "description": "The live operator replicas and their priorities.",
+                                    "x-kubernetes-preserve-unknown-fields": True,
+                                }
+                            },
+                        }
+                    },
+                }
+            ],
+        },
+    }
+
+
 def all_crds() -> dict[str, dict[str, Any]]:
-    """File name -> CRD manifest, for every kind."""
-    return {f"{API_GROUP}_{k.plural}.yaml": k.crd() for k in KINDS}
+    """File name -> CRD manifest, for every kind (and kopf's peering kinds)."""
+    crds = {f"{API_GROUP}_{k.plural}.yaml": k.crd() for k in KINDS}
+    crds["kopf.dev_clusterkopfpeerings.yaml"] = peering_crd("Cluster")
+    crds["kopf.dev_kopfpeerings.yaml"] = peering_crd("Namespaced")
+    return crds

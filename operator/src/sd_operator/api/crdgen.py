@@ -191,7 +191,7 @@ def crd(
                             "properties": {
                                 "apiVersion": {"type": "string", "description": "API version of the object."},
                                 "kind": {"type": "string", "description": "Kind of the object."},
-                                "metadata": {"type": "object", "description": "Standard object metadata."},
+                                "metadata": {"type": "object"},  # only name/generateName may be constrained here
                                 "spec": spec_schema,
                                 "status": status_schema,
                             },
