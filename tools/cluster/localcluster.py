@@ -43,7 +43,6 @@ KWOK_STAGES = HERE / "kwok-stages.yaml"
 # The order matters: each component needs the ones before it.
 COMPONENTS = ("etcd", "kube-apiserver", "kube-controller-manager", "kube-scheduler", "kwok")
 GPU_TAINT = {"key": "nvidia.com/gpu", "value": "present", "effect": "NoSchedule"}
-KWOK_TAINT = {"key": "kwok.x-k8s.io/node", "value": "fake", "effect": "NoSchedule"}
 
 
 class ClusterError(RuntimeError):
@@ -137,7 +136,9 @@ def render_node(name: str, group: dict) -> dict:
         "kubernetes.io/arch": "amd64",
         **{str(k): str(v) for k, v in (group.get("labels") or {}).items()},
     }
-    taints = [KWOK_TAINT]
+    # No kwok taint: this cluster has no real nodes to protect, and workloads must schedule exactly as
+    # they would on real GPU nodes (which carry only the GPU taint).
+    taints = []
     gpu = group.get("gpu")
     if gpu:
         resource = gpu.get("resource", "nvidia.com/gpu")

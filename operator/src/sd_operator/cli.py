@@ -6,7 +6,7 @@ import argparse
 import sys
 from collections.abc import Callable, Sequence
 
-from sd_operator import API_GROUP, API_VERSION, __version__, crds
+from sd_operator import API_GROUP, API_VERSION, __version__, crds, run
 
 Command = Callable[[argparse.Namespace], int]
 
@@ -23,6 +23,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("version", help="print the version and the API group/version")
     p.set_defaults(func=_version)
     crds.add_parser(sub)
+    run.add_parser(sub)
     return parser
 
 
