@@ -8,12 +8,18 @@ from __future__ import annotations
 
 import os
 import re
+import signal
+import socket
+import subprocess
+import sys
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+import requests
+import yaml
 from kubernetes import client, config
 from kubernetes.client.rest import ApiException
 
@@ -57,6 +63,141 @@ def cluster() -> Iterator[Cluster]:
         api = config.new_client_from_config(config_file=str(local.cfg.kubeconfig))
         yield Cluster(local.cfg.kubeconfig, api, local)
         api.close()
+
+
+@pytest.fixture(scope="session")
+def crds(cluster: Cluster) -> None:
+    """The project's CRDs (crds/), applied server-side and Established."""
+    subprocess.run(
+        [
+            str(ROOT / ".local/bin/kubectl"),
+            f"--kubeconfig={cluster.kubeconfig}",
+            "apply",
+            "--server-side",
+            "--force-conflicts",
+            "-f",
+            str(ROOT / "crds"),
+        ],
+        check=True,
+        capture_output=True,
+    )
+    ext = client.ApiextensionsV1Api(cluster.api)
+    names = [yaml.safe_load(p.read_text())["metadata"]["name"] for p in (ROOT / "crds").glob("*.yaml")]
+
+    def established() -> bool:
+        for name in names:
+            crd = ext.read_custom_resource_definition(name)
+            if not any(c.type == "Established" and c.status == "True" for c in crd.status.conditions or []):
+                return False
+        return True
+
+    wait_for(established, timeout=30, what="the CRDs to be Established")
+
+
+@dataclass
+class Operator:
+    process: subprocess.Popen
+    metrics_url: str
+    liveness_url: str
+    log_path: Path
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+
+def start_operator(cluster: Cluster, log_path: Path, *extra: str) -> Operator:
+    """`sd-operator run` as a real process against the test cluster."""
+    metrics_port, liveness_port = free_port(), free_port()
+    env = {**os.environ, "KUBECONFIG": str(cluster.kubeconfig), "SD_OPERATOR_IMAGE": "sd-operator:test"}
+    log = log_path.open("ab")
+    process = subprocess.Popen(
+        [
+            str(Path(sys.executable).parent / "sd-operator"),
+            "run",
+            "--all-namespaces",
+            "--standalone",
+            f"--metrics-port={metrics_port}",
+            f"--liveness=http://127.0.0.1:{liveness_port}/healthz",
+            *extra,
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        env=env,
+        start_new_session=True,
+    )
+    log.close()
+    op = Operator(
+        process, f"http://127.0.0.1:{metrics_port}/metrics", f"http://127.0.0.1:{liveness_port}/healthz", log_path
+    )
+
+    def alive() -> bool:
+        if process.poll() is not None:
+            raise AssertionError(f"the operator exited: {op.log()[-2000:]}")
+        try:
+            return requests.get(op.liveness_url, timeout=1).status_code == 200
+        except requests.ConnectionError:
+            return False
+
+    wait_for(alive, timeout=60, what="the operator's liveness endpoint")
+    return op
+
+
+def stop_operator(op: Operator) -> None:
+    if op.process.poll() is None:
+        os.killpg(op.process.pid, signal.SIGTERM)
+        try:
+            op.process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(op.process.pid, signal.SIGKILL)
+            op.process.wait()
+
+
+@pytest.fixture(scope="module")
+def operator(cluster: Cluster, crds: None, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Operator]:
+    op = start_operator(cluster, tmp_path_factory.mktemp("operator") / "operator.log")
+    yield op
+    stop_operator(op)
+
+
+@pytest.fixture
+def kwok_cluster(cluster: Cluster) -> Cluster:
+    if not cluster.kwok_nodes():
+        pytest.skip("the cluster has no kwok fake nodes")
+    return cluster
+
+
+@pytest.fixture
+def gpu_pool(kwok_cluster: Cluster) -> Iterator[str]:
+    """Two fake GPU nodes of this test's own (1 GPU each, 24 GiB), so tests never share GPUs.
+
+    Pods reach them with the node selector `sd-test/pool: <pool>`."""
+    pool = f"pool-{uuid.uuid4().hex[:6]}"
+    group = {
+        "name": pool,
+        "labels": {"sd-test/pool": pool},
+        "gpu": {"count": 1, "product": "NVIDIA-L4", "memoryMiB": 23034},
+    }
+    nodes = [localcluster.render_node(f"{pool}-{i}", group) for i in range(2)]
+    core = kwok_cluster.core
+    for node in nodes:
+        core.create_node(node)
+
+    def ready() -> bool:
+        listed = core.list_node(label_selector=f"sd-test/pool={pool}").items
+        return len(listed) == 2 and all(
+            any(c.type == "Ready" and c.status == "True" for c in (n.status.conditions or [])) for n in listed
+        )
+
+    wait_for(ready, timeout=30, what="the test's GPU nodes to become Ready")
+    yield pool
+    for node in nodes:
+        core.delete_node(node["metadata"]["name"])
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 @pytest.fixture

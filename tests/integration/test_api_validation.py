@@ -15,7 +15,6 @@ from kubernetes import client
 from kubernetes.client.rest import ApiException
 
 from conftest import ROOT, Cluster
-from helpers import wait_for
 
 GROUP, VERSION = "sd-operator.dev", "v1alpha1"
 PLURALS = {"SDInstance": "sdinstances", "LoRAJob": "lorajobs", "GenerationBatch": "generationbatches"}
@@ -228,31 +227,7 @@ INVALID = [
 
 
 @pytest.fixture(scope="module")
-def api(cluster: Cluster) -> client.CustomObjectsApi:
-    """The CRDs from crds/, installed server-side and Established."""
-    subprocess.run(
-        [
-            str(ROOT / ".local/bin/kubectl"),
-            f"--kubeconfig={cluster.kubeconfig}",
-            "apply",
-            "--server-side",
-            "--force-conflicts",
-            "-f",
-            str(ROOT / "crds"),
-        ],
-        check=True,
-        capture_output=True,
-    )
-    ext = client.ApiextensionsV1Api(cluster.api)
-
-    def established() -> bool:
-        for plural in PLURALS.values():
-            crd = ext.read_custom_resource_definition(f"{plural}.{GROUP}")
-            if not any(c.type == "Established" and c.status == "True" for c in crd.status.conditions or []):
-                return False
-        return True
-
-    wait_for(established, timeout=30, what="the CRDs to be Established")
+def api(cluster: Cluster, crds: None) -> client.CustomObjectsApi:
     return client.CustomObjectsApi(cluster.api)
 
 

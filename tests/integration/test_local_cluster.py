@@ -14,46 +14,12 @@ import pytest
 from kubernetes import client
 from kubernetes.client.rest import ApiException
 
-import localcluster
 from conftest import ROOT, Cluster
 from helpers import wait_for
 
 GPU = "nvidia.com/gpu"
 GPU_TOLERATION = client.V1Toleration(key=GPU, operator="Exists", effect="NoSchedule")
 KWOK_TOLERATION = client.V1Toleration(key="kwok.x-k8s.io/node", operator="Exists", effect="NoSchedule")
-
-
-@pytest.fixture
-def kwok_cluster(cluster: Cluster) -> Cluster:
-    if not cluster.kwok_nodes():
-        pytest.skip("the cluster has no kwok fake nodes")
-    return cluster
-
-
-@pytest.fixture
-def gpu_pool(kwok_cluster: Cluster) -> str:
-    """Two fake GPU nodes of this test's own (1 GPU each), so GPU counts are not shared with other tests."""
-    pool = f"pool-{uuid.uuid4().hex[:6]}"
-    group = {
-        "name": pool,
-        "labels": {"sd-test/pool": pool},
-        "gpu": {"count": 1, "product": "NVIDIA-L4", "memoryMiB": 23034},
-    }
-    nodes = [localcluster.render_node(f"{pool}-{i}", group) for i in range(2)]
-    core = kwok_cluster.core
-    for node in nodes:
-        core.create_node(node)
-
-    def ready() -> bool:
-        listed = core.list_node(label_selector=f"sd-test/pool={pool}").items
-        return len(listed) == 2 and all(
-            any(c.type == "Ready" and c.status == "True" for c in (n.status.conditions or [])) for n in listed
-        )
-
-    wait_for(ready, timeout=30, what="the test's GPU nodes to become Ready")
-    yield pool
-    for node in nodes:
-        core.delete_node(node["metadata"]["name"])
 
 
 def test_server_reports_a_stamped_version(cluster: Cluster) -> None:

@@ -436,6 +436,11 @@ class LocalCluster:
         cmds = commands(cfg)
         try:
             for name in COMPONENTS:
+                if name == "kwok":
+                    # Leases left from an earlier run make a restarted kwok stall before it manages nodes.
+                    self.kubectl(
+                        "delete", "leases", "--all", "-n", "kube-node-lease", "--ignore-not-found", check=False
+                    )
                 pids[name] = self._spawn(name, cmds[name])
                 self._save_state(state)
                 self._wait_component(name)

@@ -7,6 +7,7 @@ import sys
 from collections.abc import Callable, Sequence
 
 from sd_operator import API_GROUP, API_VERSION, __version__, crds, run
+from sd_operator.fetch import fetcher
 
 Command = Callable[[argparse.Namespace], int]
 
@@ -24,6 +25,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_version)
     crds.add_parser(sub)
     run.add_parser(sub)
+    fetcher.add_parser(sub)
     return parser
 
 

@@ -49,7 +49,12 @@ def _owner(body: kopf.Body) -> dict[str, Any]:
     return {
         "apiVersion": f"{API_GROUP}/{API_VERSION}",
         "kind": KIND,
-        "metadata": {"name": body.meta["name"], "namespace": body.meta["namespace"], "uid": body.meta["uid"]},
+        "metadata": {
+            "name": body.meta["name"],
+            "namespace": body.meta["namespace"],
+            "uid": body.meta["uid"],
+            "labels": dict(body.meta.get("labels") or {}),
+        },
     }
 
 
@@ -150,12 +155,10 @@ def refresh_status(
         ref = {
             "apiVersion": f"{API_GROUP}/{API_VERSION}",
             "kind": KIND,
-            "name": name,
-            "namespace": namespace,
-            "uid": uid,
+            "metadata": {"name": name, "namespace": namespace, "uid": uid},
         }
-        event = kopf.warn if status["phase"] in WARNING_PHASES else kopf.info
-        event(ref, reason=status["phase"], message=status["message"])
+        kind = "Warning" if status["phase"] in WARNING_PHASES else "Normal"
+        kopf.event(ref, type=kind, reason=status["phase"], message=status["message"])
 
 
 def _same(a: dict[str, Any], b: dict[str, Any]) -> bool:
@@ -163,7 +166,8 @@ def _same(a: dict[str, Any], b: dict[str, Any]) -> bool:
 
     def strip(s: dict[str, Any]) -> dict[str, Any]:
         conds = [{k: v for k, v in c.items() if k != "lastTransitionTime"} for c in s.get("conditions") or []]
-        return {**s, "conditions": sorted(conds, key=lambda c: c["type"])}
+        # None in a merge patch deletes a field; an absent field and None mean the same.
+        return {**{k: v for k, v in s.items() if v is not None}, "conditions": sorted(conds, key=lambda c: c["type"])}
 
     return strip(a) == strip(b)
 

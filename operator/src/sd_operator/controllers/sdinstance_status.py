@@ -113,7 +113,8 @@ def derive_status(
     elif failed and ready == 0:
         phase, reason, message = Phase.FAILED, failed[0]["reason"], failed[0]["message"]
     elif ready > 0:
-        worst = (failed or waiting or [{"message": "replicas starting"}])[0]
+        stuck = [p for p in waiting if p["state"] == UNSCHEDULABLE]
+        worst = (failed or stuck or waiting or [{"message": "replicas starting"}])[0]
         phase, reason, message = Phase.DEGRADED, "ReplicasNotReady", f"{ready}/{desired} ready; {worst['message']}"
     elif waiting:
         best = max(waiting, key=lambda p: PROGRESS_ORDER.index(p["state"]))
@@ -165,7 +166,7 @@ def derive_status(
     }
     if gen is not None:
         status["observedGeneration"] = gen
-    sha = spec.model.checkpoint.sha256 or previous.get("modelSHA256")
-    if sha:
-        status["modelSHA256"] = sha.lower()
+    # Only a declared checksum is known to be the loaded model's; None removes a stale one (merge patch).
+    sha = spec.model.checkpoint.sha256
+    status["modelSHA256"] = sha.lower() if sha else None
     return status

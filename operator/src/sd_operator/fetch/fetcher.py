@@ -164,6 +164,7 @@ def _download(spec: FileSpec, paths: _Paths, env: Mapping[str, str], opts: Optio
         if have := part.open():
             log(f"{spec.name}: resuming after {human(have)} already downloaded")
         transfer(spec, part, env, opts, log)
+        rate = progress.rate(part.size)  # of the transfer alone, before fsync and verification
         digest = part.finish()
     finally:
         part.close()  # the partial file stays: the next attempt resumes from it
@@ -176,10 +177,7 @@ def _download(spec: FileSpec, paths: _Paths, env: Mapping[str, str], opts: Optio
     _fsync_dir(paths.folder)  # make the rename durable before the sidecar claims the file
     size = _write_sidecar(paths, spec, digest)
     secs = time.monotonic() - started
-    log(
-        f"fetched {spec.subdir}/{spec.name}: {human(size)}, sha256 {digest} "
-        f"({secs:.1f} s, {progress.rate(part.size):.1f} MB/s)"
-    )
+    log(f"fetched {spec.subdir}/{spec.name}: {human(size)}, sha256 {digest} ({secs:.1f} s, {rate:.1f} MB/s)")
     return FetchResult(spec.name, spec.subdir, paths.final, size, digest, "fetched")
 
 
@@ -221,6 +219,8 @@ def fetch_all(
         except OSError as e:  # disk full, permissions, ...
             where = f": {e.filename}" if e.filename else ""
             raise FetchError(_scrub(f"fetch of {spec.name} failed: {e.strerror or e}{where}", secrets)) from None
+        except Exception as e:  # a bug or an unforeseen library error: still one line, still scrubbed
+            raise FetchError(_scrub(f"fetch of {spec.name} failed: {type(e).__name__}: {e}", secrets)) from None
     return results
 
 

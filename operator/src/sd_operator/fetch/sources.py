@@ -10,13 +10,14 @@ import hashlib
 import os
 import re
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
 from urllib.parse import urlsplit, urlunsplit
 
 import requests
+import urllib3
 
 from sd_operator.fetch.manifest import FetchError, FileSpec, S3Object
 
@@ -155,14 +156,15 @@ class PartialFile:
 def with_retries(spec: FileSpec, part: PartialFile, attempt: Callable[[], None], opts: Options, log: Log) -> None:
     """Runs `attempt` until it succeeds. Attempts that moved the download forward reset the count, so a
     flaky link still finishes a large file, while a dead one fails after `opts.attempts` tries."""
-    failures = 0
+    failures = restarts = 0
     while True:
         before = part.size
         try:
             attempt()
             return
         except Transient as e:
-            if e.immediate:
+            # A restart from zero is retried at once, but a server that keeps forcing them is broken.
+            if e.immediate and (restarts := restarts + 1) <= 3:
                 log(f"{spec.name}: {e}")
                 continue
             failures = 1 if part.size > before else failures + 1
@@ -173,10 +175,31 @@ def with_retries(spec: FileSpec, part: PartialFile, attempt: Callable[[], None],
             time.sleep(delay)
 
 
-def _reason(e: Exception) -> str:
+def _reason(e: BaseException) -> str:
     """A short cause for a requests/botocore error: their messages embed request URLs (with queries)."""
     errno = re.search(r"\[Errno -?\d+\] [^'\")\]]*", str(e))
     return f"{type(e).__name__}: {errno.group(0).strip()}" if errno else type(e).__name__
+
+
+def _received(chunks: Iterator[bytes], errors: tuple[type[BaseException], ...], where: str) -> Iterator[bytes]:
+    """The chunks, with a read failure turned into a Transient. Only reading is guarded: an error while
+    writing (a full disk) must not be retried."""
+    it = iter(chunks)
+    while True:
+        try:
+            chunk = next(it)
+        except StopIteration:
+            return
+        except errors as e:
+            raise Transient(f"{_reason(e)} {where}") from None
+        yield chunk
+
+
+def _read1(r: requests.Response) -> Iterator[bytes]:
+    """The body as it arrives. Unlike iter_content, read1 hands over every byte received before the
+    connection dropped, so the partial file keeps them and the resume starts exactly there."""
+    while chunk := r.raw.read1(CHUNK, decode_content=False):
+        yield chunk
 
 
 def _content_range(value: str | None) -> tuple[int | None, int | None]:
@@ -186,6 +209,35 @@ def _content_range(value: str | None) -> tuple[int | None, int | None]:
         return None, None
     start, total = m.groups()
     return (int(start) if start else None), (int(total) if total and total != "*" else None)
+
+
+def _http_start(r: requests.Response, have: int, spec: FileSpec, part: PartialFile, shown: str, log: Log) -> int | None:
+    """Checks a response's status and positions the partial file to match; returns the full size if known."""
+    code = r.status_code
+    length = r.headers.get("Content-Length")
+    if code in (200, 206) and r.headers.get("Content-Encoding", "identity") != "identity":
+        encoding = r.headers["Content-Encoding"]
+        raise FetchError(f"download of {spec.name} failed: {shown} sent a {encoding}-encoded body, not the file")
+    if code == 416 and have:
+        _, total = _content_range(r.headers.get("Content-Range"))
+        if total == have:  # an earlier attempt got every byte but did not get to finish
+            return have
+        part.restart()
+        raise Transient(f"server refused to resume at byte {have} (size {total}); restarting", immediate=True)
+    if code == 206:
+        start, total = _content_range(r.headers.get("Content-Range"))
+        if start != have:
+            part.restart()
+            raise Transient(f"server resumed at byte {start}, not {have}; restarting", immediate=True)
+        return total
+    if code == 200:
+        if have:
+            log(f"{spec.name}: server ignored the Range request; downloading from the start")
+            part.restart()
+        return int(length) if length and length.isdigit() else None
+    if code in (408, 425, 429) or code >= 500:
+        raise Transient(f"HTTP {code} from {shown}")
+    raise FetchError(f"download of {spec.name} failed: HTTP {code} from {shown}")
 
 
 def http_download(spec: FileSpec, part: PartialFile, env: Mapping[str, str], opts: Options, log: Log) -> None:
@@ -203,11 +255,11 @@ def http_download(spec: FileSpec, part: PartialFile, env: Mapping[str, str], opt
         total: int | None = None
         try:
             with session.get(url, headers=headers | ranged, stream=True, timeout=opts.timeout) as r:
-                total = _start(r, have)
-                if r.status_code == 416:  # _start found the partial file already complete
+                total = _http_start(r, have, spec, part, shown, log)
+                if r.status_code == 416:  # _http_start found the partial file already complete
                     return
                 part.progress.start(part.size, total)
-                for chunk in r.iter_content(CHUNK):
+                for chunk in _received(_read1(r), (urllib3.exceptions.HTTPError, OSError), f"from {shown}"):
                     part.write(chunk)
         except (requests.ConnectionError, requests.Timeout, requests.exceptions.ChunkedEncodingError) as e:
             raise Transient(f"{_reason(e)} from {shown}") from None
@@ -216,32 +268,10 @@ def http_download(spec: FileSpec, part: PartialFile, env: Mapping[str, str], opt
         if total is not None and part.size != total:
             raise Transient(f"connection closed after {part.size} of {total} bytes from {shown}")
 
-    def _start(r: requests.Response, have: int) -> int | None:
-        """Checks the response status and positions the partial file; returns the full size if known."""
-        code = r.status_code
-        length = r.headers.get("Content-Length")
-        if code == 416 and have:
-            _, total = _content_range(r.headers.get("Content-Range"))
-            if total == have:  # an earlier attempt got every byte but did not get to finish
-                return have
-            part.restart()
-            raise Transient(f"server refused to resume at byte {have} (size {total}); restarting", immediate=True)
-        if code == 206 and have:
-            start, total = _content_range(r.headers.get("Content-Range"))
-            if start != have:
-                part.restart()
-                raise Transient(f"server resumed at byte {start}, not {have}; restarting", immediate=True)
-            return total
-        if code == 200:
-            if have:
-                log(f"{spec.name}: server ignored the Range request; downloading from the start")
-                part.restart()
-            return int(length) if length and length.isdigit() else None
-        if code in (408, 425, 429) or code >= 500:
-            raise Transient(f"HTTP {code} from {shown}")
-        raise FetchError(f"download of {spec.name} failed: HTTP {code} from {shown}")
-
-    with_retries(spec, part, attempt, opts, log)
+    try:
+        with_retries(spec, part, attempt, opts, log)
+    finally:
+        session.close()
 
 
 def _s3_client(spec: FileSpec, src: S3Object, env: Mapping[str, str], opts: Options) -> Any:
@@ -308,11 +338,9 @@ def s3_download(spec: FileSpec, part: PartialFile, env: Mapping[str, str], opts:
         if total is None:
             total = int(resp["ContentLength"])
         part.progress.start(part.size, total)
-        try:
-            for chunk in resp["Body"].iter_chunks(CHUNK):
-                part.write(chunk)
-        except (*transient, OSError) as e:
-            raise Transient(f"{_reason(e)} for {shown}") from None
+        # Some bytes of a chunk cut short are dropped here; the resume simply asks for them again.
+        for chunk in _received(resp["Body"].iter_chunks(CHUNK), (*transient, OSError), f"for {shown}"):
+            part.write(chunk)
         if part.size != total:
             raise Transient(f"stream ended after {part.size} of {total} bytes for {shown}")
 
