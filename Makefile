@@ -14,7 +14,7 @@ export PATH := $(BIN):$(VENV)/bin:$(PATH)
 APT_PACKAGES := openssl
 
 .PHONY: help deps venv constraints tools crds cluster-up cluster-down cluster-status cluster-clean dev lint unit \
-        integration test clean
+        integration test bench clean
 
 help: ## list the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-16s %s\n", $$1, $$2}'
@@ -60,8 +60,8 @@ dev: deps venv tools ## the main job: local cluster, CRDs, operator in the foreg
 	@bash tools/dev.sh
 
 lint: venv ## ruff (lint and format) and mypy
-	$(VENV)/bin/ruff check operator tests tools
-	$(VENV)/bin/ruff format --check operator tests tools
+	$(VENV)/bin/ruff check operator tests tools bench
+	$(VENV)/bin/ruff format --check operator tests tools bench
 	$(VENV)/bin/mypy
 
 unit: venv ## unit tests (no cluster)
@@ -71,6 +71,9 @@ integration: deps venv tools ## integration tests on a real local cluster (or th
 	$(PY) -m pytest tests/integration
 
 test: deps venv tools lint unit integration ## everything CI runs
+
+bench: deps venv tools ## benchmarks (numbers for the closing notes; not run by `make test`)
+	$(PY) bench/sdinstances.py --count 200 --idle-seconds 60
 
 clean: cluster-down ## remove the venv and local state (the tool cache stays)
 	rm -rf $(VENV) .local .pytest_cache .mypy_cache .ruff_cache

@@ -160,6 +160,11 @@ def operator(cluster: Cluster, crds: None, tmp_path_factory: pytest.TempPathFact
 
 
 @pytest.fixture
+def custom(cluster: Cluster) -> client.CustomObjectsApi:
+    return client.CustomObjectsApi(cluster.api)
+
+
+@pytest.fixture
 def kwok_cluster(cluster: Cluster) -> Cluster:
     if not cluster.kwok_nodes():
         pytest.skip("the cluster has no kwok fake nodes")

@@ -86,6 +86,8 @@ class ClusterConfig:
     pod_cidr: str = "10.244.0.0/16"
     service_cidr: str = "10.96.0.0/16"
     start_timeout: float = 60.0
+    # Extra flags per component, e.g. {"kube-apiserver": ["--audit-log-path=..."]} for benchmarks.
+    extra_args: dict[str, list[str]] = field(default_factory=dict)
 
     @property
     def kubeconfig(self) -> Path:
@@ -278,7 +280,7 @@ def commands(cfg: ClusterConfig) -> dict[str, list[str]]:
         "--authorization-always-allow-paths=/healthz,/readyz,/livez,/metrics",
         "--leader-elect=false",
     ]
-    return {
+    base = {
         "etcd": [
             str(b / "etcd"),
             "--name=default",
@@ -353,6 +355,7 @@ def commands(cfg: ClusterConfig) -> dict[str, list[str]]:
             "--node-lease-duration-seconds=40",
         ],
     }
+    return {name: argv + cfg.extra_args.get(name, []) for name, argv in base.items()}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -569,10 +572,20 @@ class LocalCluster:
 
 
 @contextlib.contextmanager
-def temporary_cluster(fleet_file: Path = DEFAULT_FLEET, bindir: Path = DEFAULT_BINDIR) -> Iterator[LocalCluster]:
+def temporary_cluster(
+    fleet_file: Path = DEFAULT_FLEET,
+    bindir: Path = DEFAULT_BINDIR,
+    extra_args: dict[str, list[str]] | None = None,
+) -> Iterator[LocalCluster]:
     """A cluster on free ports in a temporary directory, stopped and removed afterwards."""
     workdir = Path(tempfile.mkdtemp(prefix="sd-cluster-"))
-    cfg = ClusterConfig(workdir=workdir, bindir=bindir, ports=Ports.free("127.0.0.1"), fleet_file=fleet_file)
+    cfg = ClusterConfig(
+        workdir=workdir,
+        bindir=bindir,
+        ports=Ports.free("127.0.0.1"),
+        fleet_file=fleet_file,
+        extra_args=extra_args or {},
+    )
     cluster = LocalCluster(cfg)
     try:
         cluster.up()

@@ -7,7 +7,7 @@ from typing import Any
 from kubernetes import client, config
 from kubernetes.client.rest import ApiException
 
-from sd_operator import API_GROUP, API_VERSION
+from sd_operator import API_GROUP, API_VERSION, __version__
 from sd_operator.render.common import FIELD_MANAGER
 
 # apiVersion, kind -> (URL prefix, plural) of the kinds the operator writes.
@@ -35,6 +35,8 @@ def api_client() -> client.ApiClient:
         except config.ConfigException:
             config.load_kube_config()
         _api_client = client.ApiClient()
+        # Named requests: audit logs and apiserver metrics tell the operator's traffic apart.
+        _api_client.user_agent = f"sd-operator/{__version__}"
     return _api_client
 
 
