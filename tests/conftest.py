@@ -106,7 +106,7 @@ class Operator:
 
 
 def start_operator(cluster: Cluster, log_path: Path, *extra: str) -> Operator:
-    """`sd-operator run` as a real process against the test cluster."""
+    """`sd-operator run` as a real process against the test cluster (standalone unless `extra` peers it)."""
     metrics_port, liveness_port = free_port(), free_port()
     env = {**os.environ, "KUBECONFIG": str(cluster.kubeconfig), "SD_OPERATOR_IMAGE": "sd-operator:test"}
     log = log_path.open("ab")
@@ -115,7 +115,7 @@ def start_operator(cluster: Cluster, log_path: Path, *extra: str) -> Operator:
             str(Path(sys.executable).parent / "sd-operator"),
             "run",
             "--all-namespaces",
-            "--standalone",
+            *([] if any(a.startswith("--peering") for a in extra) else ["--standalone"]),
             f"--metrics-port={metrics_port}",
             f"--liveness=http://127.0.0.1:{liveness_port}/healthz",
             *extra,

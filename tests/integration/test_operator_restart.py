@@ -69,3 +69,32 @@ def _successes(metrics_url: str) -> float:
         ):
             return float(line.rsplit(" ", 1)[1])
     return 0.0
+
+
+def test_peering_lets_only_one_replica_act(
+    cluster: Cluster, crds: None, namespace: str, gpu_pool: str, tmp_path: Path
+) -> None:
+    peering = f"peer-{namespace[-6:]}"
+    custom = client.CustomObjectsApi(cluster.api)
+
+    def peers() -> int:
+        obj = custom.get_cluster_custom_object("kopf.dev", "v1", "clusterkopfpeerings", peering)
+        return len(obj.get("status") or {})
+
+    leader = start_operator(cluster, tmp_path / "leader.log", f"--peering={peering}", "--priority=100")
+    follower = start_operator(cluster, tmp_path / "follower.log", f"--peering={peering}", "--priority=10")
+    try:
+        wait_for(lambda: peers() == 2, timeout=60, what="both replicas in the peering object")
+        custom.create_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, sdi("peered", gpu_pool))
+        wait_phase(custom, namespace, "peered", "Ready")
+        assert "applied SDInstance children" in leader.log()
+        assert "applied SDInstance children" not in follower.log()
+        # When the leader goes, the follower takes over.
+        stop_operator(leader)
+        wait_for(lambda: "Resuming operations" in follower.log(), timeout=60, what="the follower to resume")
+        custom.create_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, sdi("takeover", gpu_pool))
+        wait_phase(custom, namespace, "takeover", "Ready")
+        assert "applied SDInstance children" in follower.log()
+    finally:
+        stop_operator(follower)
+        stop_operator(leader)
