@@ -10,8 +10,8 @@ BIN       := $(ROOT)/.local/bin
 CLUSTER   := $(PY) tools/cluster/localcluster.py
 export PATH := $(BIN):$(VENV)/bin:$(PATH)
 
-# Debian packages the tooling needs (openssl for the cluster PKI).
-APT_PACKAGES := openssl
+# Debian packages the tooling needs: openssl (cluster PKI), redis-server (cache tests), nginx (benchmark baseline).
+APT_PACKAGES := openssl redis-server nginx-light
 
 .PHONY: help deps venv constraints tools crds cluster-up cluster-down cluster-status cluster-clean dev lint unit \
         integration test bench clean

@@ -52,7 +52,7 @@ def ensure_peering(name: str, namespaces: list[str], clusterwide: bool) -> None:
 def command(args: argparse.Namespace) -> int:
     import sd_operator.controllers.sdinstance  # noqa: F401 - registers the handlers
 
-    kopf.configure(verbose=args.verbose, log_format=kopf.LogFormat.PLAIN)
+    kopf.configure(verbose=args.verbose, log_format=kopf.LogFormat.PLAIN, log_prefix=True)
     if not args.all_namespaces and not args.namespace:
         raise SystemExit("sd-operator run: give --all-namespaces or at least one --namespace")
     if args.metrics_port:

@@ -93,6 +93,7 @@ def reconcile(
     name: str,
     namespace: str,
     logger: logging.Logger,
+    patch: kopf.Patch,
     instance_pods: kopf.Index,
     **_: Any,
 ) -> None:
@@ -100,7 +101,9 @@ def reconcile(
     for child in render_all(_owner(body), parsed, render_settings()):
         kube.apply(child)
     logger.info("applied %s children for model %s", KIND, parsed.model.checkpoint.name)
-    refresh_status(namespace, name, parsed, body, list(instance_pods.get((namespace, name), [])))
+    # The status goes out with kopf's own patch of this object (one request, and no event in
+    # between that lacks kopf's bookkeeping annotation and would make it run this handler again).
+    refresh_status(namespace, name, parsed, body, list(instance_pods.get((namespace, name), [])), patch=patch)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -134,8 +137,10 @@ def refresh_status(
     body: kopf.Body | None,
     pods: list[dict[str, Any]],
     indexed: dict[str, Any] | None = None,
+    patch: kopf.Patch | None = None,
 ) -> None:
-    """Derives the status and patches it if it changed; posts an Event when the phase changes."""
+    """Derives the status and writes it if it changed (into `patch` when given, else with a PATCH of
+    the status subresource); posts an Event when the phase changes."""
     if body is not None:
         previous, generation = dict(body.status), body.meta.get("generation")
         uid = body.meta.get("uid")
@@ -148,7 +153,10 @@ def refresh_status(
     status = derive_status(name, namespace, spec, pods, last, generation)
     if _same(status, last):
         return
-    kube.patch_status(f"{API_GROUP}/{API_VERSION}", KIND, namespace, name, status)
+    if patch is not None:
+        patch.status.update(status)
+    else:
+        kube.patch_status(f"{API_GROUP}/{API_VERSION}", KIND, namespace, name, status)
     with _written_lock:
         _written[key] = status
     if status["phase"] != last.get("phase"):

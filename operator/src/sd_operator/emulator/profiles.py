@@ -8,13 +8,13 @@ which is close enough for routing and queueing tests (real attention cost grows 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from enum import Enum
+from enum import StrEnum
 
 GIB = 1024**3
 UNIT_PIXELS = 512 * 512  # the generation-time formula counts work in 512² tiles
 
 
-class Family(str, Enum):
+class Family(StrEnum):
     SD15 = "sd15"
     SD2 = "sd2"
     SDXL = "sdxl"
