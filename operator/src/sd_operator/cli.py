@@ -8,6 +8,7 @@ from collections.abc import Callable, Sequence
 
 from sd_operator import API_GROUP, API_VERSION, __version__, crds, run
 from sd_operator.fetch import fetcher
+from sd_operator.gateway import server as gateway_server
 
 Command = Callable[[argparse.Namespace], int]
 
@@ -26,6 +27,7 @@ def build_parser() -> argparse.ArgumentParser:
     crds.add_parser(sub)
     run.add_parser(sub)
     fetcher.add_parser(sub)
+    gateway_server.add_parser(sub)
     return parser
 
 

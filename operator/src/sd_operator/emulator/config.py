@@ -84,7 +84,7 @@ class Checkpoint:
         sha = sidecar_sha256(path)
         if sha is None and hashing:
             sha = file_sha256(path)
-        return cls(path.resolve(), sha)
+        return cls(path.absolute(), sha)
 
 
 @dataclass(frozen=True)

@@ -42,8 +42,8 @@ STAT_KEYS = ("hits", "misses", "sets", "evictions", "expired", "bytes", "entries
 def cache_key(model_hash: str, canonical_request: str) -> str:
     """The cache key of a request: prefix + sha256(model_hash, newline, canonical request).
 
-    The newline separates the two parts so that no (hash, request) pair can collide with another by shifting
-    characters across the boundary; the version in the prefix lets a change of value format start afresh.
+    The newline separates the two parts so that characters cannot move across the boundary unnoticed (a model
+    hash is hex, never a newline); the version in the prefix lets a change of value format start afresh.
     """
     digest = hashlib.sha256(f"{model_hash}\n{canonical_request}".encode()).hexdigest()
     return KEY_PREFIX + digest
@@ -122,7 +122,14 @@ def redact_url(url: str) -> str:
     if query:
         pairs = parse_qsl(query, keep_blank_values=True)
         query = urlencode([(k, "****" if k.lower() == "password" else v) for k, v in pairs], safe="*/")
-    return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
+    if "://" not in url:
+        return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
+    # Built by hand because urlunsplit drops the empty authority of unix:///path, which changes the URL's form.
+    return (
+        f"{parts.scheme}://{netloc}{parts.path}"
+        + (f"?{query}" if query else "")
+        + (f"#{parts.fragment}" if parts.fragment else "")
+    )
 
 
 def _url_secrets(url: str) -> list[str]:

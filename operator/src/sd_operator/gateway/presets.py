@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Iterable, Mapping
 from importlib.resources import files
 from pathlib import Path
 from typing import Annotated, Any
@@ -13,22 +13,29 @@ from pydantic_core import PydanticCustomError
 
 from sd_operator.api.models import ModelFamily
 
-def _within(lo: float, hi: float, multiple: int | None = None) -> Callable[[float], float]:
-    """A check whose message states the whole rule, so a 422 or a file error needs no pydantic decoding."""
-    rule = f"a multiple of {multiple} within {lo:g}-{hi:g}" if multiple else f"within {lo:g}-{hi:g}"
+
+def _num(x: float) -> str:
+    return str(int(x)) if float(x).is_integer() else f"{x:g}"
+
+
+def bounded(lo: float, hi: float, multiple: int | None = None) -> AfterValidator:
+    """A range check whose message states the whole rule, so a 422 or a file error reads without pydantic's jargon."""
+    rule = f"from {_num(lo)} to {_num(hi)}"
+    if multiple:
+        rule = f"a multiple of {multiple} {rule}"
 
     def check(value: float) -> float:
         if not lo <= value <= hi or (multiple and value % multiple):
             raise PydanticCustomError("out_of_range", "must be {rule} (got {value})", {"rule": rule, "value": value})
         return value
 
-    return check
+    return AfterValidator(check)
 
 
 # The same bounds as the CRD's GenerationParams, so a preset valid here is valid in a GenerationBatch.
-Dimension = Annotated[int, AfterValidator(_within(64, 2048, 8))]
-Steps = Annotated[int, AfterValidator(_within(1, 150))]
-CfgScale = Annotated[float, AfterValidator(_within(1, 30))]
+Dimension = Annotated[int, bounded(64, 2048, 8)]
+Steps = Annotated[int, bounded(1, 150)]
+CfgScale = Annotated[float, bounded(1, 30)]
 
 
 class Preset(BaseModel):

@@ -1,0 +1,565 @@
+"""The gateway: an AUTOMATIC1111-compatible API in front of the whole fleet.
+
+`POST /sdapi/v1/txt2img` and `/img2img` keep the WebUI's request and response bodies; the model comes
+from `override_settings.sd_model_checkpoint`, an `X-SD-Model` header or the configured default. Each
+request waits in the gateway's queue for its model until a backend is idle (see dispatch.py), then
+its body goes to that backend and the answer streams back. `/v1/...` is a convenience API on top.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from typing import Any
+
+import aiohttp
+from aiohttp import web
+from pydantic import ValidationError
+
+from sd_operator.gateway import metrics as m
+from sd_operator.gateway.auth import ANONYMOUS, KeyStore, Tenant, presented_key
+from sd_operator.gateway.cache import CachedResponse, ResultCache, cache_key, make_cache
+from sd_operator.gateway.config import GatewayConfig
+from sd_operator.gateway.dispatch import Backend, Dispatcher, NoBackend, QueueFull, work_units
+from sd_operator.gateway.payload import (
+    RECOMMENDED,
+    GenerateRequest,
+    build_txt2img_payload,
+    canonical_request,
+    describe_oom,
+    is_deterministic,
+)
+from sd_operator.gateway.presets import PresetStore, UnknownPreset
+from sd_operator.gateway.registry import Registry, UnknownModel, probe
+
+log = logging.getLogger("sd_operator.gateway")
+OPEN_PATHS = {"/healthz", "/readyz", "/metrics", "/openapi.json"}
+HOP_HEADERS = {"connection", "keep-alive", "transfer-encoding", "content-length", "content-encoding", "server", "date"}
+CHUNK = 256 * 1024
+SWITCH_ADVICE = (
+    "this gateway never switches a backend's model: every instance serves one fixed model. Choose the model "
+    "per request with override_settings.sd_model_checkpoint or the X-SD-Model header; GET /sdapi/v1/sd-models "
+    "lists the models"
+)
+
+CONFIG: web.AppKey[GatewayConfig] = web.AppKey("config", GatewayConfig)
+STATE: web.AppKey[State] = web.AppKey("state", object)  # type: ignore[arg-type]
+
+
+def error(status: int, message: str, kind: str, **extra: Any) -> web.Response:
+    """Errors in the WebUI's shape ({error, detail, body, errors}) so clients need no new parsing."""
+    m.errors.labels(kind).inc()
+    body = {"error": kind, "detail": message, "body": None, "errors": message, **extra}
+    headers = {"Retry-After": str(round(extra["retry_after"]))} if "retry_after" in extra else None
+    return web.json_response(body, status=status, headers=headers)
+
+
+class State:
+    """Everything a request needs: dispatcher, registry, presets, cache, keys and the HTTP client session."""
+
+    def __init__(self, cfg: GatewayConfig, dispatcher: Dispatcher | None = None) -> None:
+        self.cfg = cfg
+        self.dispatcher = dispatcher or Dispatcher(max_queue=cfg.max_queue)
+        self.registry = Registry(self.dispatcher)
+        presets = PresetStore.load_default()
+        if cfg.presets_file:
+            presets = presets.merged(PresetStore.from_file(cfg.presets_file))
+        self.presets = presets
+        self.keys = KeyStore.from_file(cfg.keys_file) if cfg.keys_file else KeyStore()
+        self.cache: ResultCache = make_cache(cfg.cache_url, cfg.cache_bytes)
+        self.session: aiohttp.ClientSession | None = None
+        self.running: dict[str, set[Backend]] = {}  # tenant -> backends rendering its requests
+        self.background: set[asyncio.Task[Any]] = set()
+
+    def spawn(self, coro: Any) -> None:
+        task = asyncio.ensure_future(coro)
+        self.background.add(task)
+        task.add_done_callback(self.background.discard)
+
+    async def add_backend(self, backend: Backend, family: str | None = None) -> bool:
+        assert self.session is not None
+        if not await probe(self.session, backend, family) or not backend.model:
+            return False
+        self.dispatcher.add(backend)
+        log.info("backend %s serves %s (budget %s px)", backend.url, backend.model, backend.pixel_budget)
+        return True
+
+    def eject(self, backend: Backend) -> None:
+        """No work for a cool-off, then probe until it answers again."""
+        self.dispatcher.eject(backend, self.cfg.cool_off)
+        m.ejections.labels(backend.model).inc()
+        log.warning("backend %s ejected for %.0fs", backend.url, self.cfg.cool_off)
+        self.spawn(self._probe_back(backend))
+
+    async def _probe_back(self, backend: Backend) -> None:
+        assert self.session is not None
+        while not backend.removed:
+            await asyncio.sleep(self.cfg.cool_off)
+            try:
+                async with self.session.get(
+                    f"{backend.url}/sdapi/v1/progress", timeout=aiohttp.ClientTimeout(total=5)
+                ) as r:
+                    if r.status == 200:
+                        self.dispatcher.reinstate(backend)
+                        log.info("backend %s answers again", backend.url)
+                        return
+            except (aiohttp.ClientError, TimeoutError):
+                pass
+            self.dispatcher.eject(backend, self.cfg.cool_off)
+
+
+def _state(request: web.Request) -> State:
+    return request.app[STATE]
+
+
+# ---------------------------------------------------------------------------------------------
+# Middleware: auth, rate limits, request metrics
+
+
+@web.middleware
+async def auth_middleware(request: web.Request, handler: Any) -> web.StreamResponse:
+    state = _state(request)
+    tenant: Tenant | None = ANONYMOUS
+    if request.path not in OPEN_PATHS and state.keys.enabled:
+        tenant = state.keys.lookup(presented_key(request.headers))
+        if tenant is None:
+            return error(401, "a valid API key is required (Authorization: Bearer <key>)", "Unauthorized")
+        wait = tenant.allow()
+        if wait > 0:
+            return error(429, f"rate limit of {tenant.rate_limit:g}/s exceeded", "RateLimited", retry_after=wait)
+    request["tenant"] = tenant
+    start = time.perf_counter()
+    response = await handler(request)
+    route = request.match_info.route.resource.canonical if request.match_info.route.resource else "other"
+    m.requests.labels(route, str(response.status)).inc()
+    m.request_seconds.labels(route).observe(time.perf_counter() - start)
+    return response
+
+
+# ---------------------------------------------------------------------------------------------
+# Generation
+
+
+def _model_for(state: State, request: web.Request, payload: dict[str, Any], explicit: str | None = None) -> str:
+    settings = payload.get("override_settings") or {}
+    name = explicit or settings.get("sd_model_checkpoint") or request.headers.get("X-SD-Model")
+    name = name or state.cfg.default_model
+    if not name:
+        models = state.dispatcher.models()
+        if len(models) == 1:
+            return models[0]
+        raise UnknownModel("(none given)", models)
+    return state.registry.resolve(str(name))
+
+
+def _priority(state: State, request: web.Request) -> int:
+    tenant: Tenant = request["tenant"]
+    header = request.headers.get("X-Priority")
+    if header is None or not state.cfg.priority_header:
+        return tenant.priority
+    try:
+        asked = int(header)
+    except ValueError:
+        return tenant.priority
+    # With API keys a caller may lower its priority but not raise it above its key's.
+    return min(asked, tenant.priority) if state.keys.enabled else asked
+
+
+async def generate(request: web.Request, path: str, payload: dict[str, Any], raw: bytes | None) -> web.StreamResponse:
+    state = _state(request)
+    try:
+        model = _model_for(state, request, payload)
+    except UnknownModel as e:
+        return error(404 if e.available else 503, str(e), "UnknownModel")
+    settings = payload.get("override_settings")
+    if isinstance(settings, dict) and "sd_model_checkpoint" in settings:
+        # The model was picked by routing; the backend must not try to load anything else.
+        payload["override_settings"] = {k: v for k, v in settings.items() if k != "sd_model_checkpoint"}
+        raw = None
+    width, height = int(payload.get("width") or 512), int(payload.get("height") or 512)
+    batch = int(payload.get("batch_size") or 1)
+    steps, n_iter = int(payload.get("steps") or 20), int(payload.get("n_iter") or 1)
+    budget = state.registry.budget(model)
+    if budget is not None and width * height * batch > budget:
+        return error(413, describe_oom(width, height, batch, budget), "OutOfMemoryError", pixel_budget=budget)
+    body = raw if raw is not None else json.dumps(payload).encode()
+
+    key = None
+    if is_deterministic(payload):
+        backends = state.dispatcher.backends.get(model) or []
+        model_id = next((b.sha256 or b.title for b in backends if b.sha256 or b.title), model)
+        key = cache_key(model_id or model, path + "\n" + canonical_request(payload))
+        hit = CachedResponse.decode(await state.cache.get(key) or b"")
+        if hit is not None:
+            m.cache.labels("hit").inc()
+            return web.Response(body=hit.body, content_type=hit.content_type, headers={"X-Cache": "hit"})
+        m.cache.labels("miss").inc()
+
+    tenant: Tenant = request["tenant"]
+    units = work_units(width, height, steps, batch, n_iter)
+    tried: list[Backend] = []
+    for attempt in range(state.cfg.retries + 1):
+        waited = time.perf_counter()
+        try:
+            backend = await state.dispatcher.acquire(
+                model, tenant=tenant.name, priority=_priority(state, request), units=units, exclude=tried
+            )
+        except QueueFull as e:
+            return error(429, str(e), "QueueFull", retry_after=e.retry_after)
+        except NoBackend as e:
+            return error(503, str(e), "NoBackend")
+        m.wait_seconds.labels(model).observe(time.perf_counter() - waited)
+        outcome = await _forward(request, state, backend, path, body, units, key, attempt, tenant.name)
+        if isinstance(outcome, web.StreamResponse):
+            return outcome
+        tried.append(backend)
+        if outcome == "oom":
+            bigger = [
+                b
+                for b in state.dispatcher.backends.get(model, [])
+                if (b.pixel_budget or 0) > (backend.pixel_budget or 0)
+            ]
+            if not bigger:
+                return error(500, describe_oom(width, height, batch, backend.pixel_budget), "OutOfMemoryError")
+            # The same class of GPU would fail again: only larger cards are worth a try.
+            tried += [b for b in state.dispatcher.backends.get(model, []) if b not in bigger]
+    return error(502, f"no backend of {model} answered after {len(tried)} attempt(s)", "BackendUnavailable")
+
+
+async def _forward(
+    request: web.Request,
+    state: State,
+    backend: Backend,
+    path: str,
+    body: bytes,
+    units: float,
+    key: str | None,
+    attempt: int,
+    tenant: str,
+) -> web.StreamResponse | str:
+    """Sends the request to one backend. Returns the client's response, or 'retry' / 'oom'."""
+    assert state.session is not None
+    started = time.perf_counter()
+    response: web.StreamResponse | None = None
+    state.running.setdefault(tenant, set()).add(backend)
+    try:
+        async with state.session.post(
+            f"{backend.url}{path}",
+            data=body,
+            headers={"Content-Type": "application/json"},
+            timeout=aiohttp.ClientTimeout(total=state.cfg.request_timeout),
+        ) as upstream:
+            if upstream.status >= 500:
+                text = await upstream.read()
+                if b"OutOfMemory" in text or b"out of memory" in text:
+                    state.dispatcher.release(backend, ok=True)
+                    m.errors.labels("OutOfMemoryError").inc()
+                    return "oom"
+                # A 5xx before any byte reached the client: another backend may do better.
+                state.eject(backend)
+                state.dispatcher.release(backend, ok=False)
+                return "retry"
+            headers = {k: v for k, v in upstream.headers.items() if k.lower() not in HOP_HEADERS}
+            headers["X-SD-Backend"] = backend.instance or backend.url
+            if attempt:
+                headers["X-SD-Attempts"] = str(attempt + 1)
+            response = web.StreamResponse(status=upstream.status, headers=headers)
+            if upstream.content_length is not None:
+                response.content_length = upstream.content_length
+            await response.prepare(request)
+            keep = key is not None and upstream.status == 200
+            parts: list[bytes] = []
+            async for chunk in upstream.content.iter_chunked(CHUNK):
+                await response.write(chunk)
+                if keep:
+                    parts.append(chunk)
+            await response.write_eof()
+        seconds = time.perf_counter() - started
+        state.dispatcher.release(backend, ok=True, seconds=seconds, units=units)
+        m.service_seconds.labels(backend.model).observe(seconds)
+        if keep and key is not None:
+            content_type = upstream.headers.get("Content-Type", "application/json")
+            await state.cache.set(key, CachedResponse(b"".join(parts), content_type).encode())
+        return response
+    except asyncio.CancelledError:
+        # The client went away: stop the backend's work instead of rendering for nobody.
+        state.spawn(_interrupt(state, backend))
+        state.dispatcher.release(backend, ok=True)
+        m.errors.labels("ClientDisconnected").inc()
+        raise
+    except (aiohttp.ClientError, TimeoutError) as e:
+        state.dispatcher.release(backend, ok=False)
+        if response is not None:
+            raise  # bytes already went to the client: cannot retry
+        log.warning("backend %s failed: %s", backend.url, e.__class__.__name__)
+        state.eject(backend)
+        m.errors.labels("BackendError").inc()
+        return "retry"
+    finally:
+        state.running.get(tenant, set()).discard(backend)
+
+
+async def _interrupt(state: State, backend: Backend) -> None:
+    assert state.session is not None
+    try:
+        async with state.session.post(f"{backend.url}/sdapi/v1/interrupt", timeout=aiohttp.ClientTimeout(total=5)):
+            pass
+    except (aiohttp.ClientError, TimeoutError):
+        log.warning("could not interrupt %s", backend.url)
+
+
+async def _json_body(request: web.Request) -> tuple[dict[str, Any], bytes] | web.Response:
+    raw = await request.read()
+    try:
+        payload = json.loads(raw or b"{}")
+    except ValueError:
+        return error(422, "the body is not valid JSON", "ValidationError")
+    if not isinstance(payload, dict):
+        return error(422, "the body must be a JSON object", "ValidationError")
+    return payload, raw
+
+
+async def txt2img(request: web.Request) -> web.StreamResponse:
+    parsed = await _json_body(request)
+    if isinstance(parsed, web.Response):
+        return parsed
+    return await generate(request, "/sdapi/v1/txt2img", *parsed)
+
+
+async def img2img(request: web.Request) -> web.StreamResponse:
+    parsed = await _json_body(request)
+    if isinstance(parsed, web.Response):
+        return parsed
+    if not parsed[0].get("init_images"):
+        return error(422, "img2img needs init_images", "ValidationError")
+    return await generate(request, "/sdapi/v1/img2img", *parsed)
+
+
+async def v1_generate(request: web.Request) -> web.StreamResponse:
+    state = _state(request)
+    parsed = await _json_body(request)
+    if isinstance(parsed, web.Response):
+        return parsed
+    try:
+        req = GenerateRequest.model_validate(parsed[0])
+        preset = state.presets.get(req.preset) if req.preset else None
+    except ValidationError as e:
+        return error(
+            422, "; ".join(f"{'.'.join(map(str, x['loc']))}: {x['msg']}" for x in e.errors()), "ValidationError"
+        )
+    except UnknownPreset as e:
+        return error(404, str(e), "UnknownPreset")
+    payload = build_txt2img_payload(req, preset)
+    if req.model:
+        payload["override_settings"] = {**(payload.get("override_settings") or {}), "sd_model_checkpoint": req.model}
+    return await generate(request, "/sdapi/v1/txt2img", payload, None)
+
+
+# ---------------------------------------------------------------------------------------------
+# Fleet-wide and per-model GETs
+
+
+async def sd_models(request: web.Request) -> web.Response:
+    return web.json_response(_state(request).registry.sd_models())
+
+
+async def options_get(request: web.Request) -> web.StreamResponse:
+    return await proxy_get(request)
+
+
+async def options_post(request: web.Request) -> web.Response:
+    parsed = await _json_body(request)
+    if isinstance(parsed, web.Response):
+        return parsed
+    if "sd_model_checkpoint" in parsed[0]:
+        return error(400, SWITCH_ADVICE, "ModelSwitchRefused")
+    return error(403, "settings of the fleet's instances are managed by sd-operator (SDInstance spec)", "Forbidden")
+
+
+async def proxy_get(request: web.Request) -> web.StreamResponse:
+    """A read-only WebUI GET answered by an instance of the requested (or default) model."""
+    state = _state(request)
+    try:
+        model = _model_for(state, request, {}, request.query.get("model"))
+    except UnknownModel as e:
+        return error(404 if e.available else 503, str(e), "UnknownModel")
+    backends = [b for b in state.dispatcher.backends.get(model, []) if not b.ejected]
+    if not backends:
+        return error(503, f"no healthy instance of {model}", "NoBackend")
+    backend = min(backends, key=lambda b: b.inflight)
+    assert state.session is not None
+    path = request.path if not request.path.startswith("/v1/") else "/sdapi/v1/loras"
+    try:
+        async with state.session.get(f"{backend.url}{path}", timeout=aiohttp.ClientTimeout(total=30)) as upstream:
+            data = await upstream.read()
+            return web.Response(body=data, status=upstream.status, content_type=upstream.content_type)
+    except (aiohttp.ClientError, TimeoutError):
+        state.eject(backend)
+        return error(502, f"instance {backend.url} did not answer", "BackendUnavailable")
+
+
+async def refresh_loras(request: web.Request) -> web.Response:
+    """Asks every instance of the model (or of every model) to rescan its LoRA folder."""
+    state = _state(request)
+    assert state.session is not None
+    model = request.headers.get("X-SD-Model") or request.query.get("model")
+    targets = state.dispatcher.backends.get(state.registry.resolve(model)) if model else state.dispatcher.all_backends()
+    done = []
+    for backend in targets or []:
+        try:
+            async with state.session.post(
+                f"{backend.url}/sdapi/v1/refresh-loras", timeout=aiohttp.ClientTimeout(total=60)
+            ) as r:
+                done.append({"instance": backend.instance or backend.url, "status": r.status})
+        except (aiohttp.ClientError, TimeoutError):
+            done.append({"instance": backend.instance or backend.url, "status": "unreachable"})
+    return web.json_response({"refreshed": done})
+
+
+async def progress(request: web.Request) -> web.Response:
+    state = _state(request)
+    running = sum(b.inflight for b in state.dispatcher.all_backends())
+    queued = sum(state.dispatcher.queue_depth(mdl) for mdl in state.dispatcher.models())
+    return web.json_response(
+        {
+            "progress": 0.0,
+            "eta_relative": 0.0,
+            "state": {
+                "job": "",
+                "job_count": running + queued,
+                "job_no": 0,
+                "sampling_step": 0,
+                "sampling_steps": 0,
+                "interrupted": False,
+                "skipped": False,
+            },
+            "current_image": None,
+            "textinfo": f"sd-operator gateway: {running} running, {queued} queued",
+        }
+    )
+
+
+async def interrupt(request: web.Request) -> web.Response:
+    """Interrupts the calling tenant's running generations (never other tenants')."""
+    state = _state(request)
+    tenant: Tenant = request["tenant"]
+    backends = list(state.running.get(tenant.name, set()))
+    await asyncio.gather(*(_interrupt(state, b) for b in backends))
+    return web.json_response({"interrupted": len(backends)})
+
+
+async def v1_models(request: web.Request) -> web.Response:
+    state = _state(request)
+    out = []
+    for info in state.registry.sd_models():
+        group = state.dispatcher.backends.get(info["filename"], [])
+        out.append(
+            {
+                **info,
+                "instances": len(group),
+                "idle": sum(1 for b in group if b.state == "idle"),
+                "queue": state.dispatcher.queue_depth(info["filename"]),
+            }
+        )
+    return web.json_response(out)
+
+
+async def v1_presets(request: web.Request) -> web.Response:
+    presets = _state(request).presets
+    return web.json_response(
+        {
+            "presets": {name: presets.get(name).model_dump(mode="json") for name in presets.names()},
+            "controlnet": {str(k): v.__dict__ if hasattr(v, "__dict__") else str(v) for k, v in RECOMMENDED.items()},
+        },
+        dumps=lambda o: json.dumps(o, default=str),
+    )
+
+
+async def v1_instances(request: web.Request) -> web.Response:
+    state = _state(request)
+    return web.json_response(
+        [
+            {
+                "url": b.url,
+                "instance": b.instance,
+                "model": b.model,
+                "state": b.state,
+                "inflight": b.inflight,
+                "queue": state.dispatcher.queue_depth(b.model),
+                "gpu": b.gpu,
+                "pixelBudget": b.pixel_budget,
+                "completed": b.completed,
+                "recentLatencySeconds": b.last_latency,
+                "secondsPerUnit": b.seconds_per_unit,
+            }
+            for b in state.dispatcher.all_backends()
+        ]
+    )
+
+
+async def healthz(_: web.Request) -> web.Response:
+    return web.json_response({"status": "ok"})
+
+
+async def readyz(request: web.Request) -> web.Response:
+    backends = _state(request).dispatcher.all_backends()
+    ready = any(not b.ejected for b in backends)
+    return web.json_response({"ready": ready, "backends": len(backends)}, status=200 if ready else 503)
+
+
+async def metrics_handler(request: web.Request) -> web.Response:
+    state = _state(request)
+    m.refresh_gauges(state.dispatcher, state.cache)
+    body, content_type = m.render()
+    return web.Response(body=body, headers={"Content-Type": content_type})
+
+
+async def openapi(_: web.Request) -> web.Response:
+    from sd_operator.gateway.openapi import document
+
+    return web.json_response(document())
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def create_app(cfg: GatewayConfig, dispatcher: Dispatcher | None = None) -> web.Application:
+    app = web.Application(middlewares=[auth_middleware], client_max_size=cfg.max_body_bytes)
+    state = State(cfg, dispatcher)
+    app[CONFIG] = cfg
+    app[STATE] = state
+    r = app.router
+    r.add_post("/sdapi/v1/txt2img", txt2img)
+    r.add_post("/sdapi/v1/img2img", img2img)
+    r.add_get("/sdapi/v1/sd-models", sd_models)
+    r.add_get("/sdapi/v1/options", options_get)
+    r.add_post("/sdapi/v1/options", options_post)
+    r.add_get("/sdapi/v1/progress", progress)
+    r.add_post("/sdapi/v1/interrupt", interrupt)
+    r.add_post("/sdapi/v1/refresh-loras", refresh_loras)
+    for path in ("loras", "samplers", "schedulers", "upscalers", "sd-vae", "embeddings", "cmd-flags", "memory"):
+        r.add_get(f"/sdapi/v1/{path}", proxy_get)
+    for path in ("model_list", "module_list", "version", "control_types"):
+        r.add_get(f"/controlnet/{path}", proxy_get)
+    r.add_post("/v1/generate", v1_generate)
+    r.add_get("/v1/models", v1_models)
+    r.add_get("/v1/loras", proxy_get)
+    r.add_get("/v1/presets", v1_presets)
+    r.add_get("/v1/instances", v1_instances)
+    r.add_get("/healthz", healthz)
+    r.add_get("/readyz", readyz)
+    r.add_get("/metrics", metrics_handler)
+    r.add_get("/openapi.json", openapi)
+
+    async def lifecycle(app: web.Application) -> Any:
+        state.session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0, keepalive_timeout=60))
+        yield
+        for task in list(state.background):
+            task.cancel()
+        await state.session.close()
+        await state.cache.close()
+
+    app.cleanup_ctx.append(lifecycle)
+    return app

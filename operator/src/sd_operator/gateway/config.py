@@ -1,0 +1,27 @@
+"""Gateway settings (command-line flags; the Helm chart sets them)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass
+class GatewayConfig:
+    host: str = "127.0.0.1"
+    port: int = 8080
+    default_model: str | None = None
+    max_queue: int = 1000  # waiting requests per model; beyond it: 429 with Retry-After
+    inflight_per_backend: int = 1  # the WebUI renders one request at a time
+    retries: int = 2  # other backends tried after a connection error or a 5xx before any byte
+    cool_off: float = 10.0  # seconds a failing backend gets no work before it is probed
+    request_timeout: float = 900.0
+    max_body_bytes: int = 64 * 1024 * 1024
+    keys_file: Path | None = None
+    presets_file: Path | None = None
+    backends_file: Path | None = None
+    cache_url: str | None = None
+    cache_bytes: int = 256 * 1024 * 1024
+    kubernetes: bool = False  # discover SDInstances and their EndpointSlices
+    namespaces: tuple[str, ...] = ()
+    priority_header: bool = True  # honour X-Priority from callers (capped by their key's priority)

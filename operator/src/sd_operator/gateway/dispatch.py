@@ -1,0 +1,242 @@
+"""Dispatch: a queue per model inside the gateway; a request is bound to a backend only when it is idle.
+
+The WebUI runs one generation at a time, so queueing at the backend only hides work from the
+scheduler. Here every request waits in the gateway until some backend of its model has a free slot
+(`max_inflight`, default 1), then goes to the idle backend expected to finish it soonest. Waiting
+requests are served by priority; within a priority, API keys (tenants) take turns, so one tenant's
+burst cannot starve the others.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import time
+from collections import OrderedDict, deque
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+# One unit of work: a 512x512 image at 20 steps. Service times are learned per unit.
+UNIT_PIXELS_STEPS = 512 * 512 * 20
+EWMA_ALPHA = 0.3
+
+
+def work_units(width: int, height: int, steps: int, batch: int = 1, n_iter: int = 1) -> float:
+    return max(width * height * steps * batch * n_iter / UNIT_PIXELS_STEPS, 0.01)
+
+
+class QueueFull(Exception):
+    def __init__(self, model: str, depth: int, retry_after: float):
+        super().__init__(f"the queue for {model} is full ({depth} waiting); retry after {retry_after:.0f}s")
+        self.model, self.depth, self.retry_after = model, depth, retry_after
+
+
+class NoBackend(Exception):
+    def __init__(self, model: str):
+        super().__init__(f"no instance serves {model}")
+        self.model = model
+
+
+@dataclass(eq=False)
+class Backend:
+    """One WebUI instance (a pod, or an emulator) with the one model it serves."""
+
+    url: str
+    model: str
+    title: str | None = None
+    sha256: str | None = None
+    aliases: frozenset[str] = frozenset()
+    instance: str | None = None
+    gpu: str | None = None
+    pixel_budget: int | None = None  # largest width*height*batch it can render
+    max_inflight: int = 1
+    inflight: int = 0
+    ejected_until: float = 0.0
+    consecutive_failures: int = 0
+    seconds_per_unit: float | None = None  # learned service time of one work unit
+    completed: int = 0
+    last_latency: float | None = None
+    removed: bool = False
+
+    @property
+    def ejected(self) -> bool:
+        return self.ejected_until > time.monotonic()
+
+    @property
+    def has_slot(self) -> bool:
+        return not self.removed and not self.ejected and self.inflight < self.max_inflight
+
+    @property
+    def state(self) -> str:
+        if self.ejected:
+            return "ejected"
+        return "busy" if self.inflight >= self.max_inflight else "idle"
+
+    def expected_seconds(self, units: float, default_speed: float) -> float:
+        return units * (self.seconds_per_unit or default_speed)
+
+
+@dataclass(eq=False)
+class Waiter:
+    tenant: str
+    priority: int
+    units: float
+    exclude: frozenset[int]
+    future: asyncio.Future[Backend]
+    enqueued: float = field(default_factory=time.monotonic)
+
+
+class ModelQueue:
+    """Waiting requests of one model: priority levels, and per level a FIFO per tenant served in turn."""
+
+    def __init__(self) -> None:
+        self.levels: dict[int, OrderedDict[str, deque[Waiter]]] = {}
+        self.size = 0
+
+    def push(self, w: Waiter) -> None:
+        self.levels.setdefault(w.priority, OrderedDict()).setdefault(w.tenant, deque()).append(w)
+        self.size += 1
+
+    def remove(self, w: Waiter) -> None:
+        tenants = self.levels.get(w.priority)
+        if not tenants or w.tenant not in tenants:
+            return
+        try:
+            tenants[w.tenant].remove(w)
+        except ValueError:
+            return
+        self.size -= 1
+        if not tenants[w.tenant]:
+            del tenants[w.tenant]
+        if not tenants:
+            del self.levels[w.priority]
+
+    def candidates(self) -> Iterable[Waiter]:
+        """Waiters in serving order: highest priority first; tenants in turn within a priority."""
+        for priority in sorted(self.levels, reverse=True):
+            tenants = self.levels[priority]
+            # The head of each tenant's FIFO, in the rotation order (a served tenant moves to the back).
+            yield from (q[0] for q in list(tenants.values()) if q)
+            # Then the rest, so an excluded head does not block others of the same tenant.
+            for q in list(tenants.values()):
+                yield from itertools.islice(q, 1, None)
+
+    def served(self, w: Waiter) -> None:
+        tenants = self.levels[w.priority]
+        self.remove(w)
+        if w.tenant in tenants:
+            tenants.move_to_end(w.tenant)
+
+
+class Dispatcher:
+    def __init__(self, max_queue: int = 1000, default_seconds_per_unit: float = 2.0) -> None:
+        self.max_queue = max_queue
+        self.default_seconds_per_unit = default_seconds_per_unit
+        self.backends: dict[str, list[Backend]] = {}
+        self.queues: dict[str, ModelQueue] = {}
+
+    # -- backends ----------------------------------------------------------------------------
+
+    def add(self, backend: Backend) -> None:
+        self.backends.setdefault(backend.model, []).append(backend)
+        self._dispatch(backend.model)
+
+    def remove(self, backend: Backend) -> None:
+        backend.removed = True
+        group = self.backends.get(backend.model, [])
+        if backend in group:
+            group.remove(backend)
+
+    def all_backends(self) -> list[Backend]:
+        return [b for group in self.backends.values() for b in group]
+
+    def models(self) -> list[str]:
+        return sorted(m for m, group in self.backends.items() if group)
+
+    def eject(self, backend: Backend, cool_off: float) -> None:
+        backend.ejected_until = time.monotonic() + cool_off
+        backend.consecutive_failures += 1
+
+    def reinstate(self, backend: Backend) -> None:
+        backend.ejected_until = 0.0
+        backend.consecutive_failures = 0
+        self._dispatch(backend.model)
+
+    # -- requests ----------------------------------------------------------------------------
+
+    def queue_depth(self, model: str) -> int:
+        q = self.queues.get(model)
+        return q.size if q else 0
+
+    def _speed(self, model: str) -> float:
+        known = [b.seconds_per_unit for b in self.backends.get(model, []) if b.seconds_per_unit]
+        return sum(known) / len(known) if known else self.default_seconds_per_unit
+
+    def retry_after(self, model: str) -> float:
+        """A fair guess of when a slot frees: the queue's work spread over the model's backends."""
+        group = [b for b in self.backends.get(model, []) if not b.removed]
+        slots = max(sum(b.max_inflight for b in group), 1)
+        depth = self.queue_depth(model)
+        return max(1.0, (depth + 1) * self._speed(model) / slots)
+
+    async def acquire(
+        self, model: str, *, tenant: str = "", priority: int = 0, units: float = 1.0, exclude: Iterable[Backend] = ()
+    ) -> Backend:
+        """Waits until a backend of `model` has a free slot, and takes it. Cancelling the wait leaves the queue."""
+        if not self.backends.get(model):
+            raise NoBackend(model)
+        queue = self.queues.setdefault(model, ModelQueue())
+        if queue.size >= self.max_queue:
+            raise QueueFull(model, queue.size, self.retry_after(model))
+        loop = asyncio.get_running_loop()
+        waiter = Waiter(tenant, priority, units, frozenset(id(b) for b in exclude), loop.create_future())
+        queue.push(waiter)
+        self._dispatch(model)
+        try:
+            return await waiter.future
+        except asyncio.CancelledError:
+            queue.remove(waiter)
+            if waiter.future.done() and not waiter.future.cancelled():
+                # Bound just as the caller went away: give the slot back.
+                self.release(waiter.future.result(), ok=True)
+            raise
+
+    def release(self, backend: Backend, *, ok: bool, seconds: float | None = None, units: float | None = None) -> None:
+        backend.inflight = max(0, backend.inflight - 1)
+        if ok and seconds is not None and units:
+            per_unit = seconds / units
+            prev = backend.seconds_per_unit
+            backend.seconds_per_unit = per_unit if prev is None else prev + EWMA_ALPHA * (per_unit - prev)
+            backend.completed += 1
+            backend.last_latency = seconds
+        if ok:
+            backend.consecutive_failures = 0
+        self._dispatch(backend.model)
+
+    def _dispatch(self, model: str) -> None:
+        queue = self.queues.get(model)
+        if not queue or not queue.size:
+            return
+        speed = self._speed(model)
+        while True:
+            free = [b for b in self.backends.get(model, []) if b.has_slot]
+            if not free:
+                return
+            chosen, stale = None, []
+            for waiter in queue.candidates():
+                if waiter.future.done():  # cancelled while waiting
+                    stale.append(waiter)
+                    continue
+                usable = [b for b in free if id(b) not in waiter.exclude]
+                if usable:
+                    # The idle backend expected to finish this request soonest.
+                    chosen = (waiter, min(usable, key=lambda b: b.expected_seconds(waiter.units, speed)))
+                    break
+            for waiter in stale:  # removed after the walk: the queue must not change under it
+                queue.remove(waiter)
+            if chosen is None:
+                return
+            waiter, backend = chosen
+            queue.served(waiter)
+            backend.inflight += 1
+            waiter.future.set_result(backend)

@@ -1,0 +1,57 @@
+"""Gateway metrics: queue depth per model, wait and service time, backend states, cache hits, errors."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+if TYPE_CHECKING:
+    from sd_operator.gateway.cache import ResultCache
+    from sd_operator.gateway.dispatch import Dispatcher
+
+# Its own registry: the gateway's /metrics shows only gateway metrics, also when embedded in tests.
+REGISTRY = CollectorRegistry()
+SECONDS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 30, 60, 120, 300, 600)
+
+requests = Counter(
+    "sd_gateway_requests_total", "HTTP requests by route and status", ["route", "code"], registry=REGISTRY
+)
+request_seconds = Histogram(
+    "sd_gateway_request_seconds", "Time to answer a request", ["route"], buckets=SECONDS, registry=REGISTRY
+)
+wait_seconds = Histogram(
+    "sd_gateway_queue_wait_seconds",
+    "Time a generation waited for an idle instance",
+    ["model"],
+    buckets=SECONDS,
+    registry=REGISTRY,
+)
+service_seconds = Histogram(
+    "sd_gateway_service_seconds", "Time an instance took to render", ["model"], buckets=SECONDS, registry=REGISTRY
+)
+queue_depth = Gauge("sd_gateway_queue_depth", "Generations waiting for an idle instance", ["model"], registry=REGISTRY)
+backends = Gauge("sd_gateway_backends", "Instances by state", ["model", "state"], registry=REGISTRY)
+cache = Counter("sd_gateway_cache_total", "Result cache lookups", ["result"], registry=REGISTRY)
+errors = Counter("sd_gateway_errors_total", "Errors by kind", ["kind"], registry=REGISTRY)
+ejections = Counter(
+    "sd_gateway_backend_ejections_total", "Instances taken out after failures", ["model"], registry=REGISTRY
+)
+
+
+def refresh_gauges(dispatcher: Dispatcher, result_cache: ResultCache) -> None:
+    """Gauges are read at scrape time from the dispatcher's own state (no bookkeeping on the hot path)."""
+    queue_depth.clear()
+    backends.clear()
+    for model in dispatcher.models():
+        queue_depth.labels(model).set(dispatcher.queue_depth(model))
+        counts = {"idle": 0, "busy": 0, "ejected": 0}
+        for b in dispatcher.backends.get(model, []):
+            counts[b.state] += 1
+        for state, n in counts.items():
+            backends.labels(model, state).set(n)
+
+
+def render() -> tuple[bytes, str]:
+    return generate_latest(REGISTRY), CONTENT_TYPE_LATEST

@@ -1,0 +1,141 @@
+"""Which models the fleet serves and how a request names one (title, file name, short hash, alias).
+
+Backends come from a static file (local runs) or from Kubernetes discovery; each new backend is
+probed once (`/sdapi/v1/sd-models`, `/sdapi/v1/memory`) to learn its model's title and hash and its
+GPU's memory, from which its pixel budget follows.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import yaml
+
+from sd_operator.emulator.profiles import PIXELS_PER_GIB, WEIGHTS_GIB, Family
+from sd_operator.gateway.dispatch import Backend, Dispatcher
+
+log = logging.getLogger("sd_operator.gateway")
+GIB = 1024**3
+_TITLE_HASH = re.compile(r"^(?P<name>.+?)\s*\[(?P<hash>[0-9a-fA-F]{8,10})\]$")
+
+
+class UnknownModel(LookupError):
+    def __init__(self, name: str, available: list[str]):
+        shown = ", ".join(available) or "none"
+        super().__init__(f"unknown model {name!r}; the fleet serves: {shown} (GET /sdapi/v1/sd-models)")
+        self.name, self.available = name, available
+
+
+def family_of(model: str, hint: str | None = None) -> Family:
+    if hint in {f.value for f in Family}:
+        return Family(hint)
+    return Family.SDXL if "xl" in model.lower() else Family.SD15
+
+
+def pixel_budget(vram_gib: float, family: Family) -> int:
+    """The largest width*height*batch a GPU of this size renders for the family (same model as the fleet's)."""
+    return int(max(0.0, vram_gib - WEIGHTS_GIB[family]) * PIXELS_PER_GIB[family])
+
+
+def _stem(name: str) -> str:
+    return name.rsplit(".", 1)[0] if "." in name else name
+
+
+class Registry:
+    def __init__(self, dispatcher: Dispatcher) -> None:
+        self.dispatcher = dispatcher
+
+    def names(self, backend: Backend) -> set[str]:
+        names = {backend.model, _stem(backend.model), *backend.aliases}
+        if backend.title:
+            names.add(backend.title)
+        if backend.sha256:
+            names.update({backend.sha256[:10], backend.sha256[:8], backend.sha256})
+        return {n.lower() for n in names}
+
+    def resolve(self, name: str) -> str:
+        """The model key (checkpoint file name) a request's model name means."""
+        wanted = name.strip().lower()
+        match = _TITLE_HASH.match(name.strip())
+        candidates = {wanted}
+        if match:
+            candidates |= {match["name"].lower(), match["hash"].lower()}
+        for backend in self.dispatcher.all_backends():
+            if candidates & self.names(backend):
+                return backend.model
+        raise UnknownModel(name, self.dispatcher.models())
+
+    def sd_models(self) -> list[dict[str, Any]]:
+        """The union of models, shaped like the WebUI's /sdapi/v1/sd-models."""
+        seen: dict[str, dict[str, Any]] = {}
+        for b in self.dispatcher.all_backends():
+            if b.model in seen:
+                continue
+            short = b.sha256[:10] if b.sha256 else None
+            seen[b.model] = {
+                "title": b.title or (f"{b.model} [{short}]" if short else b.model),
+                "model_name": _stem(b.model),
+                "hash": short,
+                "sha256": b.sha256,
+                "filename": b.model,
+                "config": None,
+            }
+        return list(seen.values())
+
+    def budget(self, model: str) -> int | None:
+        """The largest pixel budget among the model's backends (None when any is unknown)."""
+        budgets = [b.pixel_budget for b in self.dispatcher.backends.get(model, [])]
+        if not budgets or any(b is None for b in budgets):
+            return None
+        return max(b for b in budgets if b is not None)
+
+
+async def probe(session: aiohttp.ClientSession, backend: Backend, family: str | None = None) -> bool:
+    """Learns title, hash and GPU memory; False when the backend does not answer like a WebUI."""
+    try:
+        async with session.get(f"{backend.url}/sdapi/v1/sd-models", timeout=aiohttp.ClientTimeout(total=5)) as r:
+            if r.status != 200:
+                return False
+            models = await r.json()
+        if models:
+            first = models[0]
+            backend.title = backend.title or first.get("title")
+            backend.sha256 = backend.sha256 or first.get("sha256")
+            if not backend.model:
+                backend.model = first.get("filename", "").rsplit("/", 1)[-1] or first.get("title", "")
+        if backend.pixel_budget is None:
+            async with session.get(f"{backend.url}/sdapi/v1/memory", timeout=aiohttp.ClientTimeout(total=5)) as r:
+                memory = await r.json() if r.status == 200 else {}
+            total = ((memory.get("cuda") or {}).get("system") or {}).get("total")
+            if total:
+                backend.pixel_budget = pixel_budget(total / GIB, family_of(backend.model, family))
+                backend.gpu = backend.gpu or f"{total / GIB:.0f}GiB"
+    except (aiohttp.ClientError, TimeoutError, ValueError) as e:
+        log.warning("probe of %s failed: %s", backend.url, e)
+        return False
+    return True
+
+
+def load_backends_file(path: Path, inflight: int) -> list[Backend]:
+    """backends: [{url, model?, aliases?, maxInflight?, pixelBudget?, family?}]"""
+    doc = yaml.safe_load(path.read_text()) or {}
+    out = []
+    for i, entry in enumerate(doc.get("backends") or []):
+        if not entry.get("url"):
+            raise ValueError(f"{path}: backends[{i}]: url is required")
+        out.append(
+            Backend(
+                url=str(entry["url"]).rstrip("/"),
+                model=str(entry.get("model") or ""),
+                aliases=frozenset(str(a) for a in entry.get("aliases") or []),
+                max_inflight=int(entry.get("maxInflight", inflight)),
+                pixel_budget=entry.get("pixelBudget"),
+                instance=entry.get("instance"),
+                gpu=entry.get("gpu"),
+            )
+        )
+    return out

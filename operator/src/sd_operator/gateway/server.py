@@ -1,0 +1,132 @@
+"""`sd-operator gateway`: run the gateway with its backends from a file and/or Kubernetes discovery."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import signal
+from pathlib import Path
+
+from aiohttp import web
+
+from sd_operator.gateway.app import STATE, State, create_app
+from sd_operator.gateway.config import GatewayConfig
+from sd_operator.gateway.dispatch import Backend
+from sd_operator.gateway.registry import load_backends_file
+
+log = logging.getLogger("sd_operator.gateway")
+
+
+async def sync_backends_file(state: State, path: Path) -> None:
+    """Adds and removes backends to match the file; a backend that does not answer is retried later."""
+    wanted = {b.url: b for b in load_backends_file(path, state.cfg.inflight_per_backend)}
+    current = {b.url: b for b in state.dispatcher.all_backends()}
+    for url, backend in current.items():
+        if url not in wanted:
+            state.dispatcher.remove(backend)
+            log.info("backend %s removed", url)
+    for url, backend in wanted.items():
+        if url not in current and not await state.add_backend(backend):
+            log.warning("backend %s does not answer yet; retrying", url)
+
+
+async def watch_backends_file(state: State, path: Path, interval: float = 2.0) -> None:
+    """Backends come and go without a restart: the file is re-read when it changes (and periodically,
+    which also retries backends that did not answer before)."""
+    last = None
+    while True:
+        try:
+            stamp = path.stat().st_mtime_ns  # noqa: ASYNC240 - one stat of a small local file
+            known = {b.url for b in state.dispatcher.all_backends()}
+            pending = {b.url for b in load_backends_file(path, 1)} - known
+            if stamp != last or pending:
+                await sync_backends_file(state, path)
+                last = stamp
+        except (OSError, ValueError) as e:
+            log.error("backends file %s: %s", path, e)
+        await asyncio.sleep(interval)
+
+
+async def serve(cfg: GatewayConfig, ready: asyncio.Event | None = None) -> None:
+    app = create_app(cfg)
+    state = app[STATE]
+    # Handler cancellation: a client that disconnects cancels its handler, which leaves the queue or
+    # interrupts the backend's work.
+    runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, cfg.host, cfg.port, backlog=1024)
+    await site.start()
+    tasks = []
+    if cfg.backends_file:
+        tasks.append(asyncio.create_task(watch_backends_file(state, cfg.backends_file)))
+    if cfg.kubernetes:
+        from sd_operator.gateway.discovery import KubeDiscovery
+
+        tasks.append(asyncio.create_task(KubeDiscovery(state, cfg.namespaces).run()))
+    port = runner.addresses[0][1] if runner.addresses else cfg.port
+    log.info("gateway listening on http://%s:%s", cfg.host, port)
+    print(f"GATEWAY_PORT={port}", flush=True)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    if ready:
+        ready.set()
+    await stop.wait()
+    for task in tasks:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+    await runner.cleanup()
+
+
+def command(args: argparse.Namespace) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    cfg = GatewayConfig(
+        host=args.host,
+        port=args.port,
+        default_model=args.default_model,
+        max_queue=args.max_queue,
+        inflight_per_backend=args.inflight,
+        retries=args.retries,
+        cool_off=args.cool_off,
+        request_timeout=args.request_timeout,
+        max_body_bytes=args.max_body_mib * 1024 * 1024,
+        keys_file=args.keys_file,
+        presets_file=args.presets_file,
+        backends_file=args.backends_file,
+        cache_url=args.cache_url,
+        cache_bytes=args.cache_mib * 1024 * 1024,
+        kubernetes=args.kubernetes,
+        namespaces=tuple(args.namespace or ()),
+    )
+    if not cfg.backends_file and not cfg.kubernetes:
+        raise SystemExit("sd-operator gateway: give --backends-file or --kubernetes (or both)")
+    asyncio.run(serve(cfg))
+    return 0
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("gateway", help="the services layer: an AUTOMATIC1111-compatible API for the whole fleet")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0 in a pod)")
+    p.add_argument("--port", type=int, default=8080, help="port (0 picks a free one and prints GATEWAY_PORT=)")
+    p.add_argument("--default-model", help="model for requests that name none")
+    p.add_argument("--backends-file", type=Path, help="static backends (YAML: backends: [{url, model?, ...}])")
+    p.add_argument("--kubernetes", action="store_true", help="discover SDInstances and their EndpointSlices")
+    p.add_argument("-n", "--namespace", action="append", help="namespaces to discover in (default: all)")
+    p.add_argument("--keys-file", type=Path, help="API keys (YAML: keys: [{key|keySha256, tenant, priority, ...}])")
+    p.add_argument("--presets-file", type=Path, help="extra presets (YAML), e.g. a mounted ConfigMap")
+    p.add_argument("--cache-url", help="redis://… for a shared result cache (default: in memory)")
+    p.add_argument("--cache-mib", type=int, default=256, help="in-memory result cache size")
+    p.add_argument("--max-queue", type=int, default=1000, help="waiting requests per model before 429")
+    p.add_argument("--inflight", type=int, default=1, help="generations per instance at a time")
+    p.add_argument("--retries", type=int, default=2, help="other instances tried when one fails")
+    p.add_argument("--cool-off", type=float, default=10.0, help="seconds a failing instance gets no work")
+    p.add_argument("--request-timeout", type=float, default=900.0, help="seconds one generation may take")
+    p.add_argument("--max-body-mib", type=int, default=64, help="largest request body")
+    p.set_defaults(func=command)
+
+
+__all__ = ["Backend", "add_parser", "serve"]

@@ -1,0 +1,154 @@
+"""Dispatch order: idle-only binding, priorities, fairness between tenants, bounded queues."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from sd_operator.gateway.dispatch import Backend, Dispatcher, NoBackend, QueueFull, work_units
+
+
+def run(coro):
+    return asyncio.run(coro)
+
+
+async def _settle() -> None:
+    for _ in range(5):
+        await asyncio.sleep(0)
+
+
+def test_work_units_scale_with_pixels_steps_and_batch() -> None:
+    assert work_units(512, 512, 20) == 1
+    assert work_units(1024, 1024, 30, batch=2) == 12
+
+
+def test_a_request_binds_only_to_an_idle_backend() -> None:
+    async def scenario() -> list[str]:
+        d = Dispatcher()
+        b = Backend("http://a", "m")
+        d.add(b)
+        first = await d.acquire("m")
+        assert first is b and b.inflight == 1
+        second = asyncio.create_task(d.acquire("m"))
+        await _settle()
+        assert not second.done() and d.queue_depth("m") == 1  # busy: the second waits in the gateway
+        d.release(b, ok=True)
+        assert (await second) is b
+        return [b.state]
+
+    assert run(scenario()) == ["busy"]
+
+
+def test_higher_priority_goes_first_and_tenants_take_turns() -> None:
+    async def scenario() -> list[str]:
+        d = Dispatcher()
+        b = Backend("http://a", "m")
+        d.add(b)
+        await d.acquire("m")  # occupy the only slot
+        order: list[str] = []
+
+        async def req(tag: str, tenant: str, priority: int) -> None:
+            got = await d.acquire("m", tenant=tenant, priority=priority)
+            order.append(tag)
+            await asyncio.sleep(0)
+            d.release(got, ok=True)
+
+        tasks = [asyncio.create_task(req(f"a{i}", "alice", 0)) for i in range(3)]
+        await _settle()
+        tasks += [asyncio.create_task(req(f"b{i}", "bob", 0)) for i in range(2)]
+        tasks.append(asyncio.create_task(req("urgent", "carol", 10)))
+        await _settle()
+        d.release(b, ok=True)
+        await asyncio.gather(*tasks)
+        return order
+
+    order = run(scenario())
+    assert order[0] == "urgent"
+    # alice queued 3 before bob's 2, yet bob is served in between: a1 b0 a... alternate.
+    assert order[1:] == ["a0", "b0", "a1", "b1", "a2"]
+
+
+def test_bounded_queue_raises_queue_full_with_retry_after() -> None:
+    async def scenario() -> QueueFull:
+        d = Dispatcher(max_queue=2)
+        d.add(Backend("http://a", "m"))
+        await d.acquire("m")
+        waiting = [asyncio.create_task(d.acquire("m")) for _ in range(2)]
+        await _settle()
+        try:
+            await d.acquire("m")
+        except QueueFull as e:
+            for t in waiting:
+                t.cancel()
+            return e
+        raise AssertionError("no QueueFull")
+
+    e = run(scenario())
+    assert e.depth == 2 and e.retry_after >= 1
+
+
+def test_cancelled_waiter_leaves_the_queue_and_never_takes_a_slot() -> None:
+    async def scenario() -> tuple[int, int]:
+        d = Dispatcher()
+        b = Backend("http://a", "m")
+        d.add(b)
+        await d.acquire("m")
+        gone = asyncio.create_task(d.acquire("m"))
+        stays = asyncio.create_task(d.acquire("m"))
+        await _settle()
+        gone.cancel()
+        await _settle()
+        depth = d.queue_depth("m")
+        d.release(b, ok=True)
+        assert (await stays) is b
+        return depth, b.inflight
+
+    assert run(scenario()) == (1, 1)
+
+
+def test_the_fastest_idle_backend_is_chosen_and_exclusions_hold() -> None:
+    async def scenario() -> tuple[str, str]:
+        d = Dispatcher()
+        slow, fast = Backend("http://slow", "m"), Backend("http://fast", "m")
+        slow.seconds_per_unit, fast.seconds_per_unit = 4.0, 1.0
+        d.add(slow)
+        d.add(fast)
+        first = await d.acquire("m", units=2)
+        d.release(first, ok=True)
+        retried = await d.acquire("m", exclude=[fast])
+        return first.url, retried.url
+
+    assert run(scenario()) == ("http://fast", "http://slow")
+
+
+def test_service_times_are_learned_per_unit() -> None:
+    async def scenario() -> float | None:
+        d = Dispatcher()
+        b = Backend("http://a", "m")
+        d.add(b)
+        got = await d.acquire("m")
+        d.release(got, ok=True, seconds=6.0, units=3.0)
+        return b.seconds_per_unit
+
+    assert run(scenario()) == 2.0
+
+
+def test_ejected_backend_gets_no_work_until_reinstated() -> None:
+    async def scenario() -> bool:
+        d = Dispatcher()
+        b = Backend("http://a", "m")
+        d.add(b)
+        d.eject(b, cool_off=60)
+        waiting = asyncio.create_task(d.acquire("m"))
+        await _settle()
+        assert not waiting.done() and b.state == "ejected"
+        d.reinstate(b)
+        return (await waiting) is b
+
+    assert run(scenario())
+
+
+def test_unknown_model_has_no_backend() -> None:
+    with pytest.raises(NoBackend):
+        run(Dispatcher().acquire("nope"))
