@@ -7,6 +7,7 @@ import sys
 from collections.abc import Callable, Sequence
 
 from sd_operator import API_GROUP, API_VERSION, __version__, crds, run
+from sd_operator.emulator import cli as emulator_cli
 from sd_operator.fetch import fetcher
 from sd_operator.gateway import server as gateway_server
 
@@ -28,6 +29,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_parser(sub)
     fetcher.add_parser(sub)
     gateway_server.add_parser(sub)
+    emulator_cli.add_parser(sub)
     return parser
 
 

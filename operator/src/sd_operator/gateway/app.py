@@ -194,7 +194,7 @@ async def generate(request: web.Request, path: str, payload: dict[str, Any], raw
         hit = CachedResponse.decode(await state.cache.get(key) or b"")
         if hit is not None:
             m.cache.labels("hit").inc()
-            return web.Response(body=hit.body, content_type=hit.content_type, headers={"X-Cache": "hit"})
+            return web.Response(body=hit.body, headers={"Content-Type": hit.content_type, "X-Cache": "hit"})
         m.cache.labels("miss").inc()
 
     tenant: Tenant = request["tenant"]
