@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import requests
+import yaml
 from safetensors.numpy import save_file
 
 BIN = Path(sys.executable).parent
@@ -82,8 +83,7 @@ def emulator(
 def gateway(tmp: Path, backends: list[Proc] | list[dict], *args: str, name: str = "gateway") -> Proc:
     entries = [b if isinstance(b, dict) else {"url": b.url} for b in backends]
     backends_file = tmp / f"{name}-backends.yaml"
-    lines = ["backends:"] + [f"  - url: {e['url']}" for e in entries]
-    backends_file.write_text("\n".join(lines) + "\n")
+    backends_file.write_text(yaml.safe_dump({"backends": entries}))
     cmd = [str(BIN / "sd-operator"), "gateway", "--port", "0", "--backends-file", str(backends_file), *args]
     proc = _start(cmd, tmp / f"{name}.log", "GATEWAY_PORT")
     _wait_ok(f"{proc.url}/readyz")

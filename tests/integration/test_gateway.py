@@ -258,3 +258,27 @@ def test_openapi_document(fleet: dict[str, Any]) -> None:
     doc = requests.get(f"{fleet['gw'].url}/openapi.json", timeout=5).json()
     assert doc["openapi"].startswith("3.") and "/v1/generate" in doc["paths"]
     assert "GenerateRequest" in doc["components"]["schemas"]
+
+
+def test_an_out_of_memory_answer_comes_back_with_advice_and_is_not_retried(tmp_path: Path, procs: list[Proc]) -> None:
+    one = emulator(tmp_path, "one", MODEL_A, profile="rtx3060")
+    procs.append(one)
+    # A budget larger than the card's: the request reaches the GPU, which runs out of memory.
+    gw = gateway(tmp_path, [{"url": one.url, "pixelBudget": 100_000_000}])
+    procs.append(gw)
+    r = txt2img(gw, MODEL_A, width=2048, height=2048, batch_size=8)
+    assert r.status_code == 500
+    assert r.json()["error"] == "OutOfMemoryError" and "hr_scale" in r.json()["detail"]
+    assert stats(one)["oom_count"] == 1  # tried once: the same card would fail again
+
+
+def test_fleet_listings(fleet: dict[str, Any]) -> None:
+    gw = fleet["gw"]
+    models = {m["filename"]: m for m in requests.get(f"{gw.url}/v1/models", timeout=5).json()}
+    assert models[MODEL_A]["instances"] == 2 and models[MODEL_B]["instances"] == 1
+    loras = requests.get(f"{gw.url}/sdapi/v1/loras", headers={"X-SD-Model": MODEL_B}, timeout=5)
+    assert loras.status_code == 200 and loras.json() == []
+    samplers = requests.get(f"{gw.url}/sdapi/v1/samplers", timeout=5).json()
+    assert any(s["name"] == "DPM++ 2M" for s in samplers)
+    instances = requests.get(f"{gw.url}/v1/instances", timeout=5).json()
+    assert {i["model"] for i in instances} == {MODEL_A, MODEL_B} and all(i["pixelBudget"] for i in instances)

@@ -152,3 +152,14 @@ def test_ejected_backend_gets_no_work_until_reinstated() -> None:
 def test_unknown_model_has_no_backend() -> None:
     with pytest.raises(NoBackend):
         run(Dispatcher().acquire("nope"))
+
+
+def test_token_bucket_rate_limit() -> None:
+    from sd_operator.gateway.auth import KeyStore
+
+    keys = KeyStore([{"key": "k1", "tenant": "t", "priority": 3, "rateLimit": 2, "burst": 2}])
+    tenant = keys.lookup("k1")
+    assert tenant is not None and tenant.priority == 3 and keys.lookup("other") is None
+    assert tenant.allow(now=100.0) == 0 and tenant.allow(now=100.0) == 0
+    assert tenant.allow(now=100.0) == 0.5  # empty: the next token comes in 1/rate seconds
+    assert tenant.allow(now=100.5) == 0

@@ -41,7 +41,7 @@ class Tenant:
         if self.rate_limit <= 0:
             return 0.0
         now = time.monotonic() if now is None else now
-        self.tokens = min(self.burst, self.tokens + (now - self.updated) * self.rate_limit)
+        self.tokens = min(self.burst, self.tokens + max(0.0, now - self.updated) * self.rate_limit)
         self.updated = now
         if self.tokens >= 1:
             self.tokens -= 1

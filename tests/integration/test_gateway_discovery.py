@@ -1,0 +1,81 @@
+"""Gateway discovery from the local cluster: SDInstances name the model, EndpointSlices the addresses.
+
+The EndpointSlices are created by the test with fictitious pod IPs; the gateway only lists them as
+backends and never connects to them (no generation request is sent).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import requests
+from kubernetes import client
+
+from conftest import Cluster
+from helpers import wait_for
+from objects import GROUP, PLURAL, VERSION
+from processes import BIN, _start
+
+MODEL = "sd_xl_base_1.0.safetensors"
+SHA = "31e35c80fc4829d14f90153f4c74cd59c90b779f6afe05a74cd6120b893f7e5b"
+
+
+def endpoint_slice(name: str, instance: str, ips: list[str], ready: bool = True) -> dict:
+    return {
+        "apiVersion": "discovery.k8s.io/v1",
+        "kind": "EndpointSlice",
+        "metadata": {
+            "name": name,
+            "labels": {"kubernetes.io/service-name": f"{instance}-webui", "sd-operator.dev/instance": instance},
+        },
+        "addressType": "IPv4",
+        "endpoints": [{"addresses": [ip], "conditions": {"ready": ready}} for ip in ips],
+        "ports": [{"name": "http", "port": 7861, "protocol": "TCP"}],
+    }
+
+
+def test_backends_follow_sdinstances_and_endpointslices(
+    cluster: Cluster, crds: None, namespace: str, tmp_path: Path
+) -> None:
+    custom = client.CustomObjectsApi(cluster.api)
+    discovery = client.DiscoveryV1Api(cluster.api)
+    custom.create_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, {
+        "apiVersion": f"{GROUP}/{VERSION}", "kind": "SDInstance", "metadata": {"name": "xl"},
+        "spec": {"model": {"family": "sdxl", "checkpoint": {"name": MODEL, "sha256": SHA,
+                 "source": {"http": {"url": "http://models.invalid/x.safetensors"}}}}, "gpu": {"memoryGiB": 24}},
+    })  # fmt: skip
+    discovery.create_namespaced_endpoint_slice(namespace, endpoint_slice("xl-a", "xl", ["10.244.9.1", "10.244.9.2"]))
+    gw = _start(
+        [str(BIN / "sd-operator"), "gateway", "--port", "0", "--kubernetes", "-n", namespace],
+        tmp_path / "gateway.log",
+        "GATEWAY_PORT",
+        env={"KUBECONFIG": str(cluster.kubeconfig), **({"PATH": os.environ["PATH"]})},
+    )
+    try:
+
+        def instances() -> dict[str, dict]:
+            return {i["url"]: i for i in requests.get(f"{gw.url}/v1/instances", timeout=5).json()}
+
+        found = wait_for(lambda: len(instances()) == 2 and instances(), timeout=30, what="two discovered backends")
+        first = found["http://10.244.9.1:7861"]
+        assert first["model"] == MODEL and first["instance"] == f"{namespace}/xl"
+        assert first["pixelBudget"] > 1024 * 1024 and first["state"] == "idle"
+        models = requests.get(f"{gw.url}/sdapi/v1/sd-models", timeout=5).json()
+        assert models == [{"title": f"{MODEL} [{SHA[:10]}]", "model_name": MODEL[:-12], "hash": SHA[:10],
+                           "sha256": SHA, "filename": MODEL, "config": None}]  # fmt: skip
+
+        # A pod that stops being ready leaves the rotation; a new slice adds pods; deletion removes them.
+        discovery.replace_namespaced_endpoint_slice(
+            "xl-a", namespace, endpoint_slice("xl-a", "xl", ["10.244.9.1", "10.244.9.2"], ready=False)
+        )
+        wait_for(lambda: not instances(), timeout=30, what="not-ready endpoints to leave")
+        discovery.create_namespaced_endpoint_slice(namespace, endpoint_slice("xl-b", "xl", ["10.244.9.3"]))
+        wait_for(lambda: list(instances()) == ["http://10.244.9.3:7861"], timeout=30, what="the new slice")
+        discovery.delete_namespaced_endpoint_slice("xl-b", namespace)
+        wait_for(lambda: not instances(), timeout=30, what="the deleted slice to leave")
+        time.sleep(0.5)
+        assert "Traceback" not in gw.log.read_text()
+    finally:
+        gw.stop()
