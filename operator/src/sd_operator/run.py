@@ -50,7 +50,8 @@ def ensure_peering(name: str, namespaces: list[str], clusterwide: bool) -> None:
 
 
 def command(args: argparse.Namespace) -> int:
-    import sd_operator.controllers.sdinstance  # noqa: F401 - registers the handlers
+    import sd_operator.controllers.generationbatch
+    import sd_operator.controllers.sdinstance  # noqa: F401
 
     kopf.configure(verbose=args.verbose, log_format=kopf.LogFormat.PLAIN, log_prefix=True)
     if not args.all_namespaces and not args.namespace:

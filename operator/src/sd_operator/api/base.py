@@ -129,6 +129,13 @@ class Scheduling(ApiModel):
     )
 
 
+class PodMetadata(ApiModel):
+    """Extra labels and annotations for the pods (e.g. cluster-autoscaler or service-mesh annotations)."""
+
+    labels: dict[str, str] | None = Field(None, description="Labels added to the pods.")
+    annotations: dict[str, str] | None = Field(None, description="Annotations added to the pods.")
+
+
 class GPU(ApiModel):
     """The GPUs each pod gets, and the card class it runs on."""
 

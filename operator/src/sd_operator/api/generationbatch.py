@@ -10,6 +10,7 @@ from sd_operator.api.base import (
     DNS_SUBDOMAIN,
     ApiModel,
     Condition,
+    PodMetadata,
     PVCPath,
     S3Location,
     exactly_one,
@@ -140,6 +141,7 @@ class GenerationBatchSpec(ApiModel):
     suspend: bool = Field(False, description="Stop work without losing what is done; false resumes.")
     ttl_seconds_after_finished: int | None = Field(None, description="Delete the batch this long after it ends.", ge=0)
     output: Output = Field(description="Where the images go.", json_schema_extra=immutable("output"))
+    pod_metadata: PodMetadata | None = Field(None, description="Extra labels and annotations for the runner's pod.")
     gateway_url: str | None = Field(
         None, description="Services layer URL; default: the operator's configured gateway.", pattern=r"^https?://.+"
     )

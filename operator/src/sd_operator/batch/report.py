@@ -1,0 +1,137 @@
+"""Progress: counters, the status body, how often it is published, and where (the CR, a file, nowhere).
+
+The status is patched at a bounded rate, never per item: a 100,000-item batch must not turn into
+100,000 writes to the API server. The runner never writes phase or conditions: the controller owns them.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+from sd_operator.api.generationbatch import MAX_FAILURES_IN_STATUS
+
+Clock = Callable[[], float]
+
+
+@dataclass
+class Counters:
+    total: int
+    succeeded: int = 0  # including items found done when the run started
+    failed: int = 0
+    running: int = 0
+    already_done: int = 0
+    images: int = 0  # written by this run
+    max_in_flight: int = 0
+    failures: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def finished(self) -> int:
+        return self.succeeded + self.failed
+
+    def fail(self, index: int, reason: str) -> None:
+        self.failed += 1
+        if len(self.failures) < MAX_FAILURES_IN_STATUS:  # the first ones: the usual cause shows up early
+            self.failures.append({"index": index, "reason": reason[:500]})
+
+
+def status(c: Counters, location: str) -> dict[str, Any]:
+    """The fields of GenerationBatch.status the runner owns."""
+    return {
+        "total": c.total,
+        "succeeded": c.succeeded,
+        "failed": c.failed,
+        "running": c.running,
+        "progress": f"{c.succeeded}/{c.total}",
+        "failures": list(c.failures),
+        "outputLocation": location,
+    }
+
+
+class RateLimit:
+    """Due every `interval` seconds, or when another `fraction` of the total finished, but never twice
+    within `min_gap` seconds (a fast batch would otherwise report 1% steps many times a second)."""
+
+    def __init__(
+        self,
+        total: int,
+        *,
+        interval: float = 2.0,
+        fraction: float = 0.01,
+        min_gap: float = 0.5,
+        clock: Clock = time.monotonic,
+    ) -> None:
+        self.step = max(1, math.ceil(total * fraction))
+        self.interval, self.min_gap, self.clock = interval, min_gap, clock
+        self.last_time = -math.inf
+        self.last_done = 0
+
+    def due(self, done: int) -> bool:
+        elapsed = self.clock() - self.last_time
+        if elapsed < self.min_gap:
+            return False
+        return elapsed >= self.interval or done - self.last_done >= self.step
+
+    def mark(self, done: int) -> None:
+        self.last_time, self.last_done = self.clock(), done
+
+
+def format_duration(seconds: float) -> str:
+    seconds = max(0, round(seconds))
+    h, rest = divmod(seconds, 3600)
+    m, s = divmod(rest, 60)
+    return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s" if m else f"{s}s"
+
+
+def progress_line(name: str, c: Counters, elapsed: float) -> str:
+    """`batch ns/name: 340/1000 done, 2 failed, 4 in flight, 3.1 images/s, eta 3m20s`"""
+    rate = c.images / elapsed if elapsed > 0 else 0.0
+    items_rate = (c.finished - c.already_done) / elapsed if elapsed > 0 else 0.0
+    left = c.total - c.finished
+    eta = format_duration(left / items_rate) if items_rate > 0 else "unknown" if left else "0s"
+    return (
+        f"batch {name}: {c.succeeded}/{c.total} done, {c.failed} failed, {c.running} in flight, "
+        f"{rate:.1f} images/s, eta {eta}"
+    )
+
+
+class Reporter(Protocol):
+    """Publishes a status; blocking (the runner calls it in a thread)."""
+
+    def publish(self, status: dict[str, Any], runner: dict[str, Any]) -> None: ...
+
+
+class NoReporter:
+    def publish(self, status: dict[str, Any], runner: dict[str, Any]) -> None:
+        return None
+
+
+class FileReporter:
+    """`{"status": {...}, "runner": {...}}` written atomically; `runner` has figures the CRD has no field for
+    (the most items in flight at once, images this run), for tests and local runs."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def publish(self, status: dict[str, Any], runner: dict[str, Any]) -> None:
+        temp = self.path.with_name(f".{self.path.name}.tmp")
+        temp.write_text(json.dumps({"status": status, "runner": runner}, indent=2))
+        os.replace(temp, self.path)
+
+
+class KubeReporter:
+    """A merge patch of the GenerationBatch's status subresource (in-cluster config, or KUBECONFIG)."""
+
+    def __init__(self, api_version: str, namespace: str, name: str) -> None:
+        self.api_version, self.namespace, self.name = api_version, namespace, name
+
+    def publish(self, status: dict[str, Any], runner: dict[str, Any]) -> None:
+        from sd_operator import kube
+
+        kube.patch_status(self.api_version, "GenerationBatch", self.namespace, self.name, status)
