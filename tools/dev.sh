@@ -5,7 +5,7 @@ set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 cd "$root"
 py=.venv/bin/python
-kubeconfig=.local/cluster/kubeconfig
+kubeconfig=.local/kubeconfig
 kubectl() { .local/bin/kubectl --kubeconfig="$kubeconfig" "$@"; }
 
 started_here=false

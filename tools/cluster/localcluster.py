@@ -450,6 +450,11 @@ class LocalCluster:
             self.apply_fleet(load_fleet(cfg.fleet_file))
             self._wait_nodes_ready()
             self._wait_default_service_account("default")
+            if cfg.workdir == DEFAULT_WORKDIR:
+                # The well-known path for the default cluster: .local/kubeconfig.
+                link = DEFAULT_WORKDIR.parent / "kubeconfig"
+                link.unlink(missing_ok=True)
+                link.symlink_to(cfg.kubeconfig)
         except BaseException:
             self.down()
             raise
