@@ -239,5 +239,25 @@ def markdown_table(headers: list[str], rows: list[list[Any]]) -> str:
     return "\n".join(lines)
 
 
+def cpu_times() -> dict[str, tuple[int, int]]:
+    """Per core (busy, total) jiffies from /proc/stat."""
+    out = {}
+    for line in Path("/proc/stat").read_text().splitlines():
+        if line.startswith("cpu") and line[3:4].isdigit():
+            name, *vals = line.split()
+            v = [int(x) for x in vals]
+            idle = v[3] + (v[4] if len(v) > 4 else 0)
+            out[name] = (sum(v[:8]) - idle, sum(v[:8]))
+    return out
+
+
+def background_busy(seconds: float = 2.0) -> dict[str, float]:
+    """Busy % of each core while this benchmark runs nothing: other users of the machine skew every number."""
+    before = cpu_times()
+    time.sleep(seconds)
+    after = cpu_times()
+    return {core: round(100 * (after[core][0] - b[0]) / max(after[core][1] - b[1], 1), 1) for core, b in before.items()}
+
+
 def dump_json(obj: Any) -> str:
     return json.dumps(obj, indent=2, sort_keys=True, default=str)

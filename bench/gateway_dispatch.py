@@ -42,7 +42,7 @@ import aiohttp
 import requests
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import Fleet, Proc, dump_json, emulator_stats, markdown_table, summary_ms
+from common import Fleet, Proc, background_busy, dump_json, emulator_stats, markdown_table, summary_ms
 
 from sd_operator.emulator.profiles import PROFILES, Family
 
@@ -149,19 +149,33 @@ def analyse(
     makespan = max(r.answered for r in results) - t0
     bound = lower_bound(jobs, spu)
     cards: dict[str, dict[str, Any]] = {}
-    for card in spu:
+    for card, seconds_per_unit in spu.items():
         mine = [r for r in ok if r.card == card]
         last = max((r.finished for r in mine if r.finished), default=wall0)
+        busy = sum((r.finished or 0) - (r.started or 0) for r in mine)
+        sampling = sum(units(r.kind) for r in mine) * seconds_per_unit
         cards[card] = {
             "jobs": len(mine),
             "kinds": {k: sum(1 for r in mine if r.kind == k) for k in KINDS},
-            "busy_seconds": round(sum((r.finished or 0) - (r.started or 0) for r in mine), 3),
             "units": sum(units(r.kind) for r in mine),
+            "busy_seconds": round(busy, 3),
+            # Where each card's makespan went: simulated sampling (what the bound counts), the emulator's
+            # per-job extras (validation, PNG encoding: not in the bound), idle gaps between its jobs
+            # (dispatch latency, start-up), and idle time after its last job (the tail).
+            "sampling_s": round(sampling, 3),
+            "per_job_extra_s": round(busy - sampling, 3),
+            "gaps_s": round((last - wall0) - busy, 3),
             "last_finish_s": round(last - wall0, 3),
             "idle_at_end_s": round(makespan - (last - wall0), 3),
         }
     last = max(ok, key=lambda r: r.finished or 0, default=None)
     busy = sum(c["busy_seconds"] for c in cards.values())
+    n = len(spu)
+    loss = {  # makespan = bound + these (averaged over the cards) + slack of the bound itself
+        "tail_idle_s": round(sum(c["idle_at_end_s"] for c in cards.values()) / n, 3),
+        "gaps_s": round(sum(c["gaps_s"] for c in cards.values()) / n, 3),
+        "per_job_extra_s": round(sum(c["per_job_extra_s"] for c in cards.values()) / n, 3),
+    }
     return {
         "strategy": name,
         "jobs": len(results),
@@ -172,6 +186,7 @@ def analyse(
         "ratio": round(makespan / bound["lower_bound"], 4),
         "latency_ms": {k: round(v, 1) for k, v in summary_ms([r.answered - r.submitted for r in results]).items()},
         "utilisation": round(busy / (len(spu) * makespan), 4),
+        "loss_per_card_avg": loss,
         "last_job": {"kind": last.kind, "card": last.card, "index": last.index} if last else None,
         "cards": cards,
     }
@@ -235,6 +250,8 @@ def main() -> int:
         f"cards {', '.join(CARDS)}, emulator speed {speed:.4f}",
         flush=True,
     )
+    idle_before = background_busy()
+    print(f"background load before the run (busy % per core): {idle_before}", flush=True)
     rows, summary = [], []
     with tempfile.TemporaryDirectory(prefix="bench-dispatch-") as tmpdir:
         for k, name in enumerate(strategies):
@@ -250,7 +267,8 @@ def main() -> int:
             rows.append(
                 [
                     name, out["makespan_s"], out["lower_bound"], out["ratio"], lat["p50"] / 1e3, lat["p99"] / 1e3,
-                    out["failed"], out["utilisation"],
+                    out["failed"], out["utilisation"], out["loss_per_card_avg"]["tail_idle_s"],
+                    out["loss_per_card_avg"]["per_job_extra_s"], out["loss_per_card_avg"]["gaps_s"],
                     " ".join(f"{c}:{v['jobs']}/{v['idle_at_end_s']:.1f}" for c, v in out["cards"].items()),
                 ]
             )  # fmt: skip
@@ -259,6 +277,7 @@ def main() -> int:
         markdown_table(
             [
                 "strategy", "makespan s", "lower bound s", "ratio", "p50 s", "p99 s", "failed", "util",
+                "avg tail idle s", "avg per-job extra s", "avg gaps s",
                 "per card: jobs/idle-at-end s",
             ],
             rows,
@@ -284,6 +303,7 @@ def main() -> int:
         "clients": args.clients,
         "speed": speed,
         "cards": CARDS,
+        "background_busy_pct_before": idle_before,
         "kinds": {
             k: {"size": f"{w}x{h}", "steps": s, "batch": b, "units": units(k)} for k, (w, h, s, b) in KINDS.items()
         },

@@ -40,7 +40,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import Fleet, Proc, dump_json, emulator_stats, markdown_table, summary_ms
+from common import Fleet, Proc, background_busy, cpu_times, dump_json, emulator_stats, markdown_table, summary_ms
 
 MODEL = "bench_sd15.safetensors"
 GATEWAY_CORE, REST_CORE = 0, 1
@@ -147,18 +147,6 @@ def added_latency(fleet: Fleet, n: int, block: int = 100) -> dict[str, Any]:
 
 # ---------------------------------------------------------------------------------------------
 # (2) throughput
-
-
-def cpu_times() -> dict[str, tuple[int, int]]:
-    """Per core (busy, total) jiffies from /proc/stat."""
-    out = {}
-    for line in Path("/proc/stat").read_text().splitlines():
-        if line.startswith("cpu") and line[3:4].isdigit():
-            name, *vals = line.split()
-            v = [int(x) for x in vals]
-            idle = v[3] + (v[4] if len(v) > 4 else 0)
-            out[name] = (sum(v[:8]) - idle, sum(v[:8]))
-    return out
 
 
 def proc_cpu_seconds(pid: int) -> float:
@@ -274,6 +262,10 @@ def main() -> int:
         else "no pinning (fewer than 2 cores or no taskset)"
     )
     print(f"# gateway overhead; {layout}", flush=True)
+    idle_before = background_busy()
+    print(f"background load before the run (busy % per core): {idle_before}", flush=True)
+    if max(idle_before.values(), default=0) > 10:
+        print("WARNING: the machine is not idle; latencies and req/s below are skewed by other processes", flush=True)
 
     with tempfile.TemporaryDirectory(prefix="bench-overhead-") as tmpdir, Fleet(Path(tmpdir)) as fleet:
         tmp = Path(tmpdir)
@@ -283,6 +275,7 @@ def main() -> int:
         rows = throughput(fleet, tmp, emulators, levels, duration)
 
     d, g, a = lat["direct_ms"], lat["gateway_ms"], lat["added_ms"]
+    idle_after = background_busy()
     print("\n## (1) added latency, sequential, 64x64 steps 1, speed 0")
     print(
         markdown_table(
@@ -335,6 +328,7 @@ def main() -> int:
     doc = {
         "benchmark": "gateway_overhead",
         "layout": layout,
+        "background_busy_pct": {"before": idle_before, "after": idle_after},
         "latency": lat,
         "throughput": rows,
         "goals": goals,

@@ -105,10 +105,10 @@ class Operator:
         return self.log_path.read_text(errors="replace")
 
 
-def start_operator(cluster: Cluster, log_path: Path, *extra: str) -> Operator:
+def start_operator(cluster: Cluster, log_path: Path, *extra: str, env: dict[str, str] | None = None) -> Operator:
     """`sd-operator run` as a real process against the test cluster (standalone unless `extra` peers it)."""
     metrics_port, liveness_port = free_port(), free_port()
-    env = {**os.environ, "KUBECONFIG": str(cluster.kubeconfig), "SD_OPERATOR_IMAGE": "sd-operator:test"}
+    env = {**os.environ, "KUBECONFIG": str(cluster.kubeconfig), "SD_OPERATOR_IMAGE": "sd-operator:test", **(env or {})}
     log = log_path.open("ab")
     process = subprocess.Popen(
         [

@@ -50,8 +50,10 @@ def ensure_peering(name: str, namespaces: list[str], clusterwide: bool) -> None:
 
 
 def command(args: argparse.Namespace) -> int:
-    import sd_operator.controllers.generationbatch
-    import sd_operator.controllers.sdinstance  # noqa: F401
+    # Importing the controllers registers their handlers with kopf.
+    from sd_operator.controllers import generationbatch, lorajob, sdinstance
+
+    log.debug("controllers: %s", [c.__name__ for c in (sdinstance, generationbatch, lorajob)])
 
     kopf.configure(verbose=args.verbose, log_format=kopf.LogFormat.PLAIN, log_prefix=True)
     if not args.all_namespaces and not args.namespace:

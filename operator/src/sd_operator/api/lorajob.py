@@ -12,6 +12,7 @@ from sd_operator.api.base import (
     RELATIVE_PATH,
     ApiModel,
     Condition,
+    PodMetadata,
     PVCPath,
     Resources,
     S3Location,
@@ -225,6 +226,7 @@ class LoRAJobSpec(ApiModel):
     scheduling: Scheduling | None = Field(None, description="Node selection, tolerations, affinity, priority.")
     resources: Resources | None = Field(None, description="CPU and memory of the trainer container.")
     image: str = Field(DEFAULT_TRAINER_IMAGE, description="Trainer image (sd-scripts and the wrapper).", min_length=1)
+    pod_metadata: PodMetadata | None = Field(None, description="Extra labels and annotations for the trainer's pod.")
     publish_to: list[InstanceRef] | None = Field(
         None, description="SDInstances that get the LoRA when training succeeds.", max_length=50
     )

@@ -173,17 +173,21 @@ class ItemSource:
         if sweep is None:
             return
         index = self.item_total
-        weights, seeds, cfgs = sweep.lora_weights or [None], sweep.seeds or [None], sweep.cfg_scales or [None]
+        # An axis that is not swept is one unset value, so every cell has all four coordinates.
+        weights: list[float | None] = [*sweep.lora_weights] if sweep.lora_weights else [None]
+        seeds: list[int | None] = [*sweep.seeds] if sweep.seeds else [None]
+        cfgs: list[float | None] = [*sweep.cfg_scales] if sweep.cfg_scales else [None]
         row = len(weights) * len(seeds) * len(cfgs)
-        for p, (prompt, weight, seed, cfg) in enumerate(product(sweep.prompts, weights, seeds, cfgs)):
+        for p, (prompt, weight, given, cfg) in enumerate(product(sweep.prompts, weights, seeds, cfgs)):
             cell = index + p
             if done(cell):
                 continue
             item = merge(self.spec.defaults, Item(prompt=prompt))
+            seed = given if given is not None and given >= 0 else item.seed
             if seed is None or seed < 0:
                 # Without an explicit seed the whole row of a prompt shares one, derived from the row's first
                 # index: the cells then differ only in the swept LoRA weight / CFG, which is what a grid compares.
-                seed = item.seed if item.seed is not None and item.seed >= 0 else derived_seed(self.uid, cell - p % row)
+                seed = derived_seed(self.uid, cell - p % row)
             loras = [lo for lo in item.loras or [] if lo.name != sweep.lora]
             if sweep.lora:
                 loras.append(LoRAUse(name=sweep.lora) if weight is None else LoRAUse(name=sweep.lora, weight=weight))

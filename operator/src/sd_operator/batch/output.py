@@ -106,9 +106,7 @@ class LocalStore:
 class S3Store:
     """A bucket and key prefix; a single-part put_object is atomic (an object is all there or absent)."""
 
-    def __init__(
-        self, bucket: str, prefix: str, *, endpoint: str | None, region: str | None, pool: int = 10
-    ) -> None:
+    def __init__(self, bucket: str, prefix: str, *, endpoint: str | None, region: str | None, pool: int = 10) -> None:
         import boto3
         from botocore.config import Config
 
@@ -123,9 +121,7 @@ class S3Store:
             s3={"addressing_style": "path"} if endpoint else {},
         )
         # Credentials come from the environment (AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY) or the pod's identity.
-        self.client: Any = boto3.client(
-            "s3", endpoint_url=endpoint, region_name=region or "us-east-1", config=config
-        )
+        self.client: Any = boto3.client("s3", endpoint_url=endpoint, region_name=region or "us-east-1", config=config)
 
     def key(self, name: str) -> str:
         return f"{self.prefix}/{name}" if self.prefix else name

@@ -49,7 +49,7 @@ def status(c: Counters, location: str) -> dict[str, Any]:
         "failed": c.failed,
         "running": c.running,
         "progress": f"{c.succeeded}/{c.total}",
-        "failures": list(c.failures),
+        "failures": sorted(c.failures, key=lambda f: f["index"]),  # the first 20 to fail, in index order
         "outputLocation": location,
     }
 

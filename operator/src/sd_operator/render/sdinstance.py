@@ -7,7 +7,6 @@ discovery) and NetworkPolicy (only the services layer and the operator reach the
 
 from __future__ import annotations
 
-import copy
 import json
 import urllib.parse
 from dataclasses import dataclass, field
@@ -30,12 +29,16 @@ from sd_operator.render.common import (
     restricted_security_context,
     user_labels,
 )
+from sd_operator.render.scheduling import (
+    gpu_affinity,
+    gpu_node_selector,
+    gpu_tolerations,
+    scheduling_extras,
+)
 
 MODELS_DIR = "/models"
 CONFIG_DIR = "/etc/sd-operator"
 SOURCES_DIR = "/sources"
-GPU_PRODUCT_LABEL = "nvidia.com/gpu.product"
-GPU_MEMORY_LABEL = "nvidia.com/gpu.memory"
 # Folders under the model cache, as the WebUI names them.
 SUBDIRS = {
     "checkpoint": "Stable-diffusion",
@@ -270,30 +273,6 @@ def render_configmap(owner: dict[str, Any], spec: SDInstanceSpec) -> dict[str, A
     }
 
 
-def _tolerations(spec: SDInstanceSpec) -> list[dict[str, Any]]:
-    tolerations = [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
-    if spec.scheduling and spec.scheduling.tolerations:
-        tolerations += [t.to_api() for t in spec.scheduling.tolerations]
-    return tolerations
-
-
-def _affinity(spec: SDInstanceSpec) -> dict[str, Any] | None:
-    """The user's affinity, plus a GPU memory requirement ANDed into every node selector term."""
-    affinity = copy.deepcopy(spec.scheduling.affinity) if spec.scheduling and spec.scheduling.affinity else None
-    if not (spec.gpu.match_memory and spec.gpu.memory_gib):
-        return affinity
-    # Cards report a little less than their nominal size (a 24 GiB RTX 4090 says 24564 MiB),
-    # so "at least N GiB" means more than N * 1000 - 1 MiB.
-    requirement = {"key": GPU_MEMORY_LABEL, "operator": "Gt", "values": [str(spec.gpu.memory_gib * 1000 - 1)]}
-    affinity = affinity or {}
-    required = affinity.setdefault("nodeAffinity", {}).setdefault("requiredDuringSchedulingIgnoredDuringExecution", {})
-    terms = required.setdefault("nodeSelectorTerms", []) or [{}]
-    for term in terms:
-        term.setdefault("matchExpressions", []).append(requirement)
-    required["nodeSelectorTerms"] = terms
-    return affinity
-
-
 def _resources(spec: SDInstanceSpec) -> dict[str, Any]:
     defaults = {"cpu": "2", "memory": "16Gi" if spec.model.family == ModelFamily.SDXL else "8Gi"}
     requests: dict[str, Any] = dict(defaults)
@@ -388,14 +367,12 @@ def render_deployment(owner: dict[str, Any], spec: SDInstanceSpec, settings: Ren
         "securityContext": restricted_security_context(),
         "terminationMessagePolicy": "FallbackToLogsOnError",
     }
-    node_selector = dict(spec.scheduling.node_selector or {}) if spec.scheduling else {}
-    if spec.gpu.product:
-        node_selector[GPU_PRODUCT_LABEL] = spec.gpu.product
+    node_selector = gpu_node_selector(spec.gpu, spec.scheduling)
     pod_spec: dict[str, Any] = {
         "initContainers": [fetcher],
         "containers": [webui],
         "volumes": volumes,
-        "tolerations": _tolerations(spec),
+        "tolerations": gpu_tolerations(spec.scheduling),
         "securityContext": pod_security_context(),
         "automountServiceAccountToken": False,
         "enableServiceLinks": False,
@@ -404,13 +381,10 @@ def render_deployment(owner: dict[str, Any], spec: SDInstanceSpec, settings: Ren
     }
     if node_selector:
         pod_spec["nodeSelector"] = node_selector
-    affinity = _affinity(spec)
+    affinity = gpu_affinity(spec.gpu, spec.scheduling)
     if affinity:
         pod_spec["affinity"] = affinity
-    if spec.scheduling and spec.scheduling.priority_class_name:
-        pod_spec["priorityClassName"] = spec.scheduling.priority_class_name
-    if spec.scheduling and spec.scheduling.runtime_class_name:
-        pod_spec["runtimeClassName"] = spec.scheduling.runtime_class_name
+    pod_spec.update(scheduling_extras(spec.scheduling))
     if settings.image_pull_secrets:
         pod_spec["imagePullSecrets"] = [{"name": s} for s in settings.image_pull_secrets]
     config_hash = content_hash(manifest, webui_settings(spec))

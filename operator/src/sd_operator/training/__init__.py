@@ -1,0 +1,1 @@
+"""LoRA training: dataset checks and the sd-scripts wrapper."""
