@@ -10,7 +10,7 @@ from sd_operator import API_GROUP, API_VERSION, __version__, crds, run
 from sd_operator.emulator import cli as emulator_cli
 from sd_operator.fetch import fetcher
 from sd_operator.gateway import server as gateway_server
-from sd_operator.training import dataset, publish
+from sd_operator.training import dataset, publish, train
 
 Command = Callable[[argparse.Namespace], int]
 
@@ -33,6 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
     emulator_cli.add_parser(sub)
     publish.add_parser(sub)
     dataset.add_parser(sub)
+    train.add_parser(sub)
     return parser
 
 
