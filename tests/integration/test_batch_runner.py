@@ -192,6 +192,7 @@ def test_killed_runner_resumes_without_losing_or_duplicating_items(fleet: dict[s
     rep = report(tmp_path)
     assert rep["status"]["progress"] == f"{n}/{n}"
     assert rep["runner"]["alreadyDone"] == done_at_kill and rep["runner"]["images"] == n - done_at_kill
+    print(f"killed at {done_at_kill}/{n} done; re-rendered {redone} (bound {concurrency})")
 
 
 def test_sigterm_stops_taking_items_reports_and_exits_143(fleet: dict[str, Any], tmp_path: Path) -> None:

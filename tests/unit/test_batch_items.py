@@ -387,3 +387,30 @@ def test_status_body_and_progress_line() -> None:
     line = progress_line("ns/b", c, elapsed=80.0)
     assert line == "batch ns/b: 340/1000 done, 30 failed, 4 in flight, 3.0 images/s, eta 3m07s"
     assert format_duration(4000) == "1h06m" and format_duration(59.6) == "1m00s"
+
+
+# --- the command line ----------------------------------------------------------------------------------------------
+
+
+def test_batch_file_in_yaml_and_the_subcommand_wiring(tmp_path: Path) -> None:
+    import argparse
+
+    from sd_operator.batch.cli import add_parser, load_batch_file
+    from sd_operator.batch.runner import BatchError
+
+    path = tmp_path / "batch.yaml"
+    path.write_text(
+        "apiVersion: sd-operator.dev/v1alpha1\nkind: GenerationBatch\nmetadata: {name: b, namespace: ns, uid: u}\n"
+        "spec:\n  target: {instance: anime}\n  sweep: {prompts: [a]}\n  output: {pvc: {claimName: out}}\n"
+    )
+    meta, s, api_version = load_batch_file(path)
+    assert (meta["name"], s.target.instance, api_version) == ("b", "anime", "sd-operator.dev/v1alpha1")
+    path.write_text('{"metadata": {"name": "b"}, "spec": {"target": {"model": "m"}, "output": {}, "retries": 99}}')
+    with pytest.raises(BatchError, match="invalid spec: retries"):
+        load_batch_file(path)
+    parser = argparse.ArgumentParser()
+    add_parser(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["batch", "--batch-file", "b.json", "--gateway-url", "http://gw", "--concurrency", "4"])
+    assert (args.batch_file, args.concurrency, args.report) == ("b.json", 4, "none")
+    with pytest.raises(SystemExit):
+        parser.parse_args(["batch", "--batch-file", "b.json", "--concurrency", "0"])

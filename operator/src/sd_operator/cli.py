@@ -7,6 +7,7 @@ import sys
 from collections.abc import Callable, Sequence
 
 from sd_operator import API_GROUP, API_VERSION, __version__, crds, run
+from sd_operator.batch import cli as batch_cli
 from sd_operator.emulator import cli as emulator_cli
 from sd_operator.fetch import fetcher
 from sd_operator.gateway import server as gateway_server
@@ -34,6 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
     publish.add_parser(sub)
     dataset.add_parser(sub)
     train.add_parser(sub)
+    batch_cli.add_parser(sub)
     return parser
 
 

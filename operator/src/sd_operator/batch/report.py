@@ -134,4 +134,7 @@ class KubeReporter:
     def publish(self, status: dict[str, Any], runner: dict[str, Any]) -> None:
         from sd_operator import kube
 
+        if not str(status.get("outputLocation", "")).startswith("s3://"):
+            # A path inside the pod means nothing to a reader: the controller writes pvc://ns/claim/path.
+            status = {k: v for k, v in status.items() if k != "outputLocation"}
         kube.patch_status(self.api_version, "GenerationBatch", self.namespace, self.name, status)
