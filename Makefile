@@ -60,8 +60,8 @@ dev: deps venv tools ## the main job: local cluster, CRDs, operator in the foreg
 	@bash tools/dev.sh
 
 lint: venv ## ruff (lint and format) and mypy
-	$(VENV)/bin/ruff check operator tests tools bench
-	$(VENV)/bin/ruff format --check operator tests tools bench
+	$(VENV)/bin/ruff check operator tests tools bench deploy
+	$(VENV)/bin/ruff format --check operator tests tools bench deploy
 	$(VENV)/bin/mypy
 
 unit: venv ## unit tests (no cluster)
@@ -74,6 +74,7 @@ test: deps venv tools lint unit integration ## everything CI runs
 
 bench: deps venv tools ## benchmarks (numbers for the closing notes; not run by `make test`)
 	$(PY) bench/sdinstances.py --count 200 --idle-seconds 60
+	$(PY) bench/batch_throughput.py --items 200 --speed 1.0
 
 clean: cluster-down ## remove the venv and local state (the tool cache stays)
 	rm -rf $(VENV) .local .pytest_cache .mypy_cache .ruff_cache

@@ -145,9 +145,13 @@ class Fleet:
             wait_ok(f"{proc.url}/sd-operator/ready")
         return out
 
-    def gateway(self, backends: list[Proc], *args: str, core: int | None = None, name: str = "gateway") -> Proc:
+    def gateway(
+        self, backends: list[Proc] | list[str], *args: str, core: int | None = None, name: str = "gateway"
+    ) -> Proc:
+        """`sd-operator gateway` over `backends` (processes or URLs), ready once it has registered all."""
+        urls = [b if isinstance(b, str) else b.url for b in backends]
         backends_file = self.tmp / f"{name}-backends.yaml"
-        backends_file.write_text("backends:\n" + "".join(f"  - url: {b.url}\n" for b in backends))
+        backends_file.write_text("backends:\n" + "".join(f"  - url: {u}\n" for u in urls))
         cmd = [SD_OPERATOR, "gateway", "--port", "0", "--backends-file", str(backends_file), *args]
         log = self.tmp / f"{name}.log"
         proc = Proc(name, _spawn(name, pinned(cmd, core), log), "", log)
@@ -161,6 +165,49 @@ class Fleet:
                     return proc
             time.sleep(0.1)
         raise RuntimeError(f"gateway did not register {len(backends)} backends: {log.read_text()[-2000:]}")
+
+    def nginx_stub(self, count: int, answers: dict[str, bytes], core: int | None = None) -> tuple[Proc, list[str]]:
+        """One nginx serving `count` ports that answer each path in `answers` (any method) with its recorded
+        JSON body, instantly: a WebUI stand-in that costs next to nothing, to find the gateway's own limit."""
+        root = self.tmp / "nginx-stub"
+        root.mkdir(exist_ok=True)
+        locations = ""
+        for path, body in answers.items():
+            text = body.decode()
+            if "$" in text:
+                raise ValueError(f"recorded answer of {path} contains '$', which nginx would interpolate")
+            quoted = text.replace("\\", "\\\\").replace("'", "\\'")
+            where = "/" if path == "*" else f"= {path}"
+            locations += f"    location {where} {{ default_type application/json; return 200 '{quoted}'; }}\n"
+        ports = [free_port() for _ in range(count)]
+        servers = "".join(
+            f"  server {{\n    listen 127.0.0.1:{port};\n    keepalive_requests 1000000;\n{locations}  }}\n"
+            for port in ports
+        )
+        conf = root / "nginx.conf"
+        conf.write_text(
+            f"daemon off;\nworker_processes 1;\npid {root}/nginx.pid;\nerror_log {root}/error.log;\n"
+            "events { worker_connections 4096; }\n"
+            f"http {{\n  access_log off;\n  client_body_temp_path {root}/body;\n  proxy_temp_path {root}/proxy;\n"
+            f"  fastcgi_temp_path {root}/fastcgi;\n  uwsgi_temp_path {root}/uwsgi;\n  scgi_temp_path {root}/scgi;\n"
+            f"{servers}}}\n"
+        )
+        log = root / "stdout.log"
+        process = _spawn("nginx", pinned([NGINX, "-c", str(conf), "-p", str(root)], core), log)
+        proc = Proc("nginx-stub", process, "", log)
+        self.procs.append(proc)
+        urls = [f"http://127.0.0.1:{port}" for port in ports]
+        proc.url = urls[0]
+        for url in urls:
+            deadline = time.monotonic() + 15
+            while True:
+                with contextlib.suppress(requests.RequestException):
+                    if requests.get(f"{url}/sdapi/v1/sd-models", timeout=2).status_code == 200:
+                        break
+                if proc.process.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"nginx stub did not start: {(root / 'error.log').read_text()[-2000:]}")
+                time.sleep(0.05)
+        return proc, urls
 
     def nginx_least_conn(self, backends: list[Proc], core: int | None = None) -> Proc:
         """nginx with a least_conn upstream over `backends` (keep-alive to them), on a free port."""
@@ -257,6 +304,44 @@ def background_busy(seconds: float = 2.0) -> dict[str, float]:
     time.sleep(seconds)
     after = cpu_times()
     return {core: round(100 * (after[core][0] - b[0]) / max(after[core][1] - b[1], 1), 1) for core, b in before.items()}
+
+
+def sessions_cpu_seconds(sessions: set[int]) -> float:
+    """CPU seconds (user + system) of all live processes in the given sessions (our process groups)."""
+    total = 0
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[3]) in sessions:  # field 6 of /proc/<pid>/stat: the session id
+            total += int(fields[11]) + int(fields[12])
+    return total / os.sysconf("SC_CLK_TCK")
+
+
+class ForeignLoad:
+    """How much CPU processes other than ours (the fleet, our children such as wrk, and this script)
+    used during a measurement: other users of the machine skew latencies and throughput."""
+
+    def __init__(self, fleet: Fleet) -> None:
+        self.fleet = fleet
+
+    def _sample(self) -> tuple[float, float, float]:
+        busy = sum(b for b, _ in cpu_times().values()) / os.sysconf("SC_CLK_TCK")
+        t = os.times()
+        mine = sessions_cpu_seconds({p.process.pid for p in self.fleet.procs})
+        mine += t.user + t.system + t.children_user + t.children_system
+        return busy, mine, time.monotonic()
+
+    def __enter__(self) -> ForeignLoad:
+        self.start = self._sample()
+        self.pct = 0.0
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        busy, mine, now = self._sample()
+        wall = max(now - self.start[2], 1e-9)
+        self.pct = round(max(0.0, 100 * ((busy - self.start[0]) - (mine - self.start[1])) / wall), 1)
 
 
 def dump_json(obj: Any) -> str:

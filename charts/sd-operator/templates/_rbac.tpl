@@ -69,3 +69,14 @@ scanning); and the ClusterKopfPeering when the operator watches the whole cluste
   verbs: [get, list, watch, create, patch]
 {{- end }}
 {{- end }}
+
+{{/* The gateway reads what its discovery needs, nothing else. */}}
+{{- define "sd-operator.gatewayRules" -}}
+# Discovery: which model each SDInstance serves, and its ready endpoints.
+- apiGroups: [sd-operator.dev]
+  resources: [sdinstances]
+  verbs: [get, list, watch]
+- apiGroups: [discovery.k8s.io]
+  resources: [endpointslices]
+  verbs: [get, list, watch]
+{{- end }}

@@ -1,0 +1,485 @@
+"""The container images under images/: hadolint, pins, users, probes and the default image references.
+
+No Docker engine is needed (nor available on the development machine): the Dockerfiles are linted with
+hadolint and parsed; the WebUI probe extension runs against stand-ins for the A1111 modules it imports.
+"""
+
+from __future__ import annotations
+
+import ast
+import asyncio
+import importlib.util
+import inspect
+import json
+import os
+import py_compile
+import re
+import subprocess
+import sys
+import threading
+import types
+from importlib.metadata import version
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+import yaml
+
+from sd_operator.api.lorajob import DEFAULT_TRAINER_IMAGE
+from sd_operator.api.sdinstance import DEFAULT_WEBUI_IMAGE
+from sd_operator.render.sdinstance import LIVE_PATH, READY_PATH
+from sd_operator.settings import DEFAULT_OPERATOR_IMAGE
+from sd_operator.training.args import SD_SCRIPTS_DIR
+
+ROOT = Path(__file__).resolve().parents[2]
+IMAGES = ROOT / "images"
+NAMES = ("sd-operator", "webui", "trainer")
+HADOLINT_CONFIG = IMAGES / ".hadolint.yaml"
+PROBES = IMAGES / "webui" / "extension" / "sd-operator" / "scripts" / "sd_operator_probes.py"
+VERSION = version("sd-operator")
+SHA1 = re.compile(r"[0-9a-f]{40}")
+# xformers wheels require one exact torch version; the pairs the images may use.
+XFORMERS_TORCH = {"0.0.23.post1": "2.1.2", "0.0.29.post3": "2.6.0"}
+
+
+# --- a small Dockerfile reader ----------------------------------------------------------------------------
+
+
+def instructions(name: str) -> list[tuple[str, str]]:
+    """(KEYWORD, rest) per instruction, continuation lines joined, comments dropped."""
+    out: list[tuple[str, str]] = []
+    buf = ""
+    for raw in (IMAGES / name / "Dockerfile").read_text(encoding="utf-8").splitlines():
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        if line.endswith("\\"):
+            buf += line[:-1] + " "
+            continue
+        keyword, _, rest = (buf + line).partition(" ")
+        out.append((keyword.upper(), " ".join(rest.split())))
+        buf = ""
+    assert not buf, f"{name}: dangling line continuation"
+    return out
+
+
+def final_stage(name: str) -> list[tuple[str, str]]:
+    ins = instructions(name)
+    last_from = max(i for i, (kw, _) in enumerate(ins) if kw == "FROM")
+    return ins[last_from:]
+
+
+def arg_defaults(name: str) -> dict[str, str]:
+    """ARG defaults; an ARG repeated in several stages must keep one value."""
+    defaults: dict[str, str] = {}
+    for kw, rest in instructions(name):
+        if kw == "ARG" and "=" in rest:
+            key, _, value = rest.partition("=")
+            assert defaults.setdefault(key, value) == value, f"{name}: ARG {key} has two defaults"
+    return defaults
+
+
+def expand(text: str, variables: dict[str, str]) -> str:
+    return re.sub(r"\$\{(\w+)\}|\$(\w+)", lambda m: variables.get(m[1] or m[2], m[0]), text)
+
+
+def run_text(name: str) -> str:
+    """Every RUN of the image, with the ARG defaults substituted."""
+    args = arg_defaults(name)
+    return "\n".join(expand(rest, args) for kw, rest in instructions(name) if kw == "RUN")
+
+
+def env_values(name: str) -> dict[str, str]:
+    """The final stage's ENV values, with the ARG defaults substituted."""
+    args = arg_defaults(name)
+    env: dict[str, str] = {}
+    for kw, rest in final_stage(name):
+        if kw == "ENV":
+            env.update(re.findall(r'(\w+)=("[^"]*"|\S+)', rest))
+    return {k: expand(v.strip('"'), args) for k, v in env.items()}
+
+
+def json_form(name: str, keyword: str) -> list[str]:
+    values = [rest for kw, rest in final_stage(name) if kw == keyword]
+    assert values, f"{name}: no {keyword}"
+    parsed = json.loads(values[-1])
+    assert isinstance(parsed, list), f"{name}: {keyword} must use the JSON (exec) form"
+    return parsed
+
+
+def final_user(name: str) -> str:
+    users = [rest for kw, rest in final_stage(name) if kw == "USER"]
+    assert users, f"{name}: the final stage sets no USER (it would run as root)"
+    return users[-1]
+
+
+def pip_pin(text: str, package: str) -> str:
+    pins = set(re.findall(rf"(?<![\w-]){re.escape(package)}==([\w.+]+)", text))
+    assert len(pins) == 1, f"{package} must be pinned to exactly one version, found {pins or 'none'}"
+    return pins.pop()
+
+
+# --- hadolint -----------------------------------------------------------------------------------------------
+
+
+def hadolint() -> Path:
+    binary = Path(sys.executable).parent / "hadolint"
+    if not binary.is_file():
+        pytest.fail("hadolint not installed: run make venv")
+    return binary
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_dockerfile_passes_hadolint(name: str) -> None:
+    dockerfile = IMAGES / name / "Dockerfile"
+    out = subprocess.run(
+        [hadolint(), "--config", HADOLINT_CONFIG, "--no-color", dockerfile], capture_output=True, text=True, check=False
+    )
+    assert out.returncode == 0, f"hadolint {dockerfile.relative_to(ROOT)}:\n{out.stdout}{out.stderr}"
+
+
+def test_hadolint_config_still_fails_bad_dockerfiles(tmp_path: Path) -> None:
+    bad = tmp_path / "Dockerfile"
+    bad.write_text("FROM python:latest\nRUN cd /tmp && pip install requests\nUSER root\n", encoding="utf-8")
+    out = subprocess.run(
+        [hadolint(), "--config", HADOLINT_CONFIG, "--no-color", bad], capture_output=True, text=True, check=False
+    )
+    assert out.returncode != 0
+    for rule in ("DL3007", "DL3003", "DL3013", "DL3002"):
+        assert rule in out.stdout
+
+
+def test_hadolint_ignores_are_justified() -> None:
+    config = yaml.safe_load(HADOLINT_CONFIG.read_text(encoding="utf-8"))
+    text = HADOLINT_CONFIG.read_text(encoding="utf-8")
+    for rule in config.get("ignored", []):
+        assert re.search(rf"#.*{rule}", text), f"ignored rule {rule} needs a comment saying why"
+
+
+# --- image references and shared conventions ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize("reference", [DEFAULT_OPERATOR_IMAGE, DEFAULT_WEBUI_IMAGE, DEFAULT_TRAINER_IMAGE])
+def test_default_image_references_name_an_image_here_at_the_package_version(reference: str) -> None:
+    repository, _, tag = reference.rpartition(":")
+    assert tag == VERSION, f"{reference} should end with :{VERSION}"
+    assert repository.startswith("ghcr.io/sd-operator/")
+    name = repository.rsplit("/", 1)[1]
+    assert (IMAGES / name / "Dockerfile").is_file(), f"{reference} names no directory under images/"
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_image_conventions(name: str) -> None:
+    assert arg_defaults(name)["VERSION"] == VERSION
+    user = final_user(name)
+    assert user.split(":")[0] == "1000", f"{name} must run as uid 1000 (the pods' runAsUser), not {user}"
+    labels = " ".join(rest for kw, rest in final_stage(name) if kw == "LABEL")
+    for key in ("source", "version", "title", "licenses"):
+        assert f"org.opencontainers.image.{key}=" in labels
+    assert 'org.opencontainers.image.licenses="Apache-2.0"' in labels
+    assert 'org.opencontainers.image.version="${VERSION}"' in labels
+    for kw, rest in instructions(name):
+        if kw == "FROM":
+            image = rest.split()[0]
+            assert re.search(r":\d+\.\d+\.\d+[\w.-]*$", image), f"{name}: base {image} is not pinned by version tag"
+
+
+def dockerignore_included(patterns: list[tuple[bool, re.Pattern[str]]], path: str) -> bool:
+    """Docker's rule: the last pattern matching the path or one of its parents decides."""
+    parts = path.split("/")
+    candidates = ["/".join(parts[: i + 1]) for i in range(len(parts))]
+    included = True
+    for negated, regex in patterns:
+        if any(regex.fullmatch(c) for c in candidates):
+            included = negated
+    return included
+
+
+def dockerignore(name: str) -> list[tuple[bool, re.Pattern[str]]]:
+    patterns = []
+    for raw in (IMAGES / name / "Dockerfile.dockerignore").read_text(encoding="utf-8").splitlines():
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        negated = line.startswith("!")
+        glob = line.lstrip("!").rstrip("/")
+        regex = re.escape(glob).replace(r"\*\*", "\0").replace(r"\*", "[^/]*").replace(r"\?", "[^/]")
+        regex = regex.replace(r"\[", "[").replace(r"\]", "]")
+        regex = regex.replace("/\0", "(/.*)?").replace("\0/", "(.*/)?").replace("\0", ".*")
+        patterns.append((negated, re.compile(regex)))
+    return patterns
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_build_context_sends_only_what_the_image_copies(name: str) -> None:
+    patterns = dockerignore(name)
+    for unwanted in (".venv/bin/python", ".local/bin/kubectl", "tests/unit/test_images.py", ".git/HEAD"):
+        assert not dockerignore_included(patterns, unwanted), f"{name}: {unwanted} reaches the build context"
+    sources = [rest.split()[-2] for kw, rest in instructions(name) if kw == "COPY" and "--from=" not in rest]
+    assert sources, f"{name}: copies nothing from the context"
+    for source in sources:
+        base = ROOT / source
+        files = [p for p in base.rglob("*") if p.is_file()] if base.is_dir() else [base]
+        sent = [p for p in files if dockerignore_included(patterns, p.relative_to(ROOT).as_posix())]
+        assert sent, f"{name}: COPY {source} finds nothing in the context"
+        for p in sent:
+            rel = p.relative_to(ROOT).as_posix()
+            assert "__pycache__" not in rel and ".egg-info" not in rel, f"{name}: {rel} reaches the context"
+    if name != "webui":
+        for needed in ("operator/pyproject.toml", "operator/constraints.txt", "operator/src/sd_operator/cli.py"):
+            assert dockerignore_included(patterns, needed), f"{name}: {needed} is missing from the context"
+
+
+# --- sd-operator ---------------------------------------------------------------------------------------------
+
+
+def test_operator_image_installs_the_wheel_with_the_constraints() -> None:
+    text = run_text("sd-operator")
+    assert "pip wheel" in text and "./operator" in text
+    assert re.search(r"pip install [^\n]*-c operator/constraints\.txt [^\n]*sd_operator-\*\.whl", text)
+    assert json_form("sd-operator", "ENTRYPOINT") == ["sd-operator"]
+    assert json_form("sd-operator", "CMD") == ["--help"]
+    bases = [rest.split()[0] for kw, rest in instructions("sd-operator") if kw == "FROM"]
+    assert all(re.fullmatch(r"python:3\.11\.\d+-slim-bookworm", b) for b in bases), bases
+
+
+# --- webui ---------------------------------------------------------------------------------------------------
+
+
+def test_webui_pins_a1111_controlnet_torch_and_xformers() -> None:
+    args = arg_defaults("webui")
+    text = run_text("webui")
+    assert args["WEBUI_VERSION"] == "v1.10.1"
+    assert '--branch "v1.10.1" https://github.com/AUTOMATIC1111/stable-diffusion-webui.git' in text
+    commit = args["CONTROLNET_COMMIT"]
+    assert SHA1.fullmatch(commit) and commit.startswith("56cec5b")
+    assert "https://github.com/Mikubill/sd-webui-controlnet.git extensions/sd-webui-controlnet" in text
+    assert f'git -C extensions/sd-webui-controlnet checkout --quiet "{commit}"' in text
+    torch = pip_pin(text, "torch")
+    xformers = pip_pin(text, "xformers")
+    assert (torch, pip_pin(text, "torchvision"), xformers) == ("2.1.2+cu121", "0.16.2+cu121", "0.0.23.post1")
+    assert XFORMERS_TORCH[xformers] == torch.split("+")[0]
+    assert "https://download.pytorch.org/whl/cu121" in text
+    # The launcher's own install commands carry the same pins, so it never replaces them.
+    env = env_values("webui")
+    assert f"torch=={args['TORCH_VERSION']}" in env["TORCH_COMMAND"]
+    assert env["XFORMERS_PACKAGE"] == f"xformers=={xformers}"
+    assert env["TORCH_INDEX_URL"] == "https://download.pytorch.org/whl/cu121"
+    assert "python launch.py --skip-torch-cuda-test --xformers --exit" in text
+
+
+def test_webui_runtime_contract() -> None:
+    user = final_user("webui")
+    assert user not in {"root", "0"} and not user.startswith(("root:", "0:"))
+    entrypoint = json_form("webui", "ENTRYPOINT")
+    assert entrypoint[:2] == ["python", "launch.py"]
+    assert {"--skip-prepare-environment", "--skip-install"} <= set(entrypoint)
+    health = [rest for kw, rest in final_stage("webui") if kw == "HEALTHCHECK"]
+    assert len(health) == 1 and "CMD [" in health[0]
+    assert f"http://127.0.0.1:7861{LIVE_PATH}" in health[0]
+    assert ("EXPOSE", "7861") in final_stage("webui")
+    text = run_text("webui")
+    for mount in ("/models", "/etc/sd-operator"):
+        assert mount in text, f"the image should create the operator's mount point {mount}"
+    copies = [rest for kw, rest in final_stage("webui") if kw == "COPY"]
+    assert any(c.endswith("images/webui/extension/sd-operator /opt/webui/extensions/sd-operator") for c in copies)
+    assert env_values("webui")["STABLE_DIFFUSION_REPO"].endswith("/stablediffusion.git")
+
+
+# --- the WebUI probe extension ------------------------------------------------------------------------------
+
+
+def test_probe_extension_compiles_for_the_webui_python(tmp_path: Path) -> None:
+    py_compile.compile(str(PROBES), cfile=str(tmp_path / "probes.pyc"), doraise=True)
+    ast.parse(PROBES.read_text(encoding="utf-8"), feature_version=(3, 10))  # the image's Python is 3.10
+    source = PROBES.read_text(encoding="utf-8")
+    assert f'"{LIVE_PATH}"' in source and f'"{READY_PATH}"' in source
+    assert "script_callbacks.on_app_started(" in source
+    names = {n.attr if isinstance(n, ast.Attribute) else getattr(n, "id", "") for n in ast.walk(ast.parse(source))}
+    assert "queue_lock" not in names, "the probes must not take A1111's queue lock"
+
+
+class _Shared(types.ModuleType):
+    cmd_opts: Any = None
+
+    @property
+    def sd_model(self) -> Any:  # A1111: a property that loads the model (and waits on the load lock)
+        raise AssertionError("the probe must not read modules.shared.sd_model")
+
+
+class _JSONResponse:
+    def __init__(self, content: dict[str, Any], status_code: int = 200) -> None:
+        self.content = content
+        self.status_code = status_code
+
+
+def _module(name: str, **attrs: Any) -> types.ModuleType:
+    module = types.ModuleType(name)
+    module.__dict__.update(attrs)
+    return module
+
+
+@pytest.fixture
+def webui(monkeypatch: pytest.MonkeyPatch) -> SimpleNamespace:
+    """The probe extension loaded against stand-ins for A1111's modules and FastAPI."""
+    callbacks: list[Any] = []
+    model_data = SimpleNamespace(sd_model=None, was_loaded_at_least_once=False, lock=threading.Lock())
+    shared = _Shared("modules.shared")
+    shared.cmd_opts = SimpleNamespace(ckpt="/models/Stable-diffusion/a.safetensors")
+    stubs = {
+        "modules": _module("modules"),
+        "modules.script_callbacks": _module("modules.script_callbacks", on_app_started=callbacks.append),
+        "modules.sd_models": _module("modules.sd_models", model_data=model_data),
+        "modules.shared": shared,
+        "modules.paths_internal": _module("modules.paths_internal", sd_model_file="/opt/webui/model.ckpt"),
+        "fastapi": _module("fastapi"),
+        "fastapi.responses": _module("fastapi.responses", JSONResponse=_JSONResponse),
+    }
+    for full, module in stubs.items():
+        monkeypatch.setitem(sys.modules, full, module)
+        parent, _, child = full.rpartition(".")
+        if parent:
+            setattr(stubs[parent], child, module)
+    spec = importlib.util.spec_from_file_location("sd_operator_probes_under_test", PROBES)
+    assert spec and spec.loader
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    assert len(callbacks) == 1, "the script registers one on_app_started callback"
+    routes: list[SimpleNamespace] = []
+    app = SimpleNamespace(
+        routes=routes,
+        add_api_route=lambda path, endpoint, **kw: routes.append(SimpleNamespace(path=path, **kw, f=endpoint)),
+    )
+    callbacks[0](None, app)
+    callbacks[0](None, app)  # a second app_started (script reload) adds nothing twice
+
+    def call(path: str) -> tuple[int, dict[str, Any]]:
+        (route,) = [r for r in routes if r.path == path]
+        response = asyncio.run(route.f())
+        return response.status_code, response.content
+
+    return SimpleNamespace(routes=routes, model_data=model_data, shared=shared, stubs=stubs, call=call)
+
+
+def _checkpoint(path: str) -> SimpleNamespace:
+    return SimpleNamespace(sd_checkpoint_info=SimpleNamespace(filename=path, title=os.path.basename(path)))
+
+
+def test_probe_routes_are_registered_once_as_get(webui: SimpleNamespace) -> None:
+    assert sorted(r.path for r in webui.routes) == sorted([LIVE_PATH, READY_PATH])
+    assert all(r.methods == ["GET"] for r in webui.routes)
+    assert all(inspect.iscoroutinefunction(r.f) for r in webui.routes), "handlers run on the event loop"
+
+
+def test_live_answers_while_the_model_loads(webui: SimpleNamespace) -> None:
+    with webui.model_data.lock:  # the startup thread holds the load lock
+        assert webui.call(LIVE_PATH) == (200, {"status": "alive"})
+        assert webui.call(READY_PATH)[0] == 503
+
+
+def test_ready_once_the_given_checkpoint_is_loaded(webui: SimpleNamespace) -> None:
+    assert webui.call(READY_PATH) == (503, {"status": "loading", "model": "a.safetensors"})
+    webui.model_data.sd_model = _checkpoint("/models/Stable-diffusion/a.safetensors")
+    webui.model_data.was_loaded_at_least_once = True
+    assert webui.call(READY_PATH) == (200, {"status": "ready", "model": "a.safetensors"})
+
+
+def test_not_ready_with_another_checkpoint(webui: SimpleNamespace) -> None:
+    webui.model_data.sd_model = _checkpoint("/opt/webui/models/Stable-diffusion/b.safetensors")
+    webui.model_data.was_loaded_at_least_once = True
+    code, body = webui.call(READY_PATH)
+    assert code == 503 and body["status"] == "wrong-model" and body["expected"] == "a.safetensors"
+
+
+def test_without_ckpt_any_loaded_model_is_ready(webui: SimpleNamespace) -> None:
+    webui.shared.cmd_opts = SimpleNamespace(ckpt="/opt/webui/model.ckpt")  # A1111's default, no such file
+    webui.model_data.sd_model = _checkpoint("/models/Stable-diffusion/b.safetensors")
+    webui.model_data.was_loaded_at_least_once = True
+    assert webui.call(READY_PATH) == (200, {"status": "ready", "model": "b.safetensors"})
+
+
+def test_unexpected_internals_read_as_not_ready(webui: SimpleNamespace) -> None:
+    del webui.stubs["modules.sd_models"].model_data
+    code, body = webui.call(READY_PATH)
+    assert code == 503 and body["status"] == "unknown"
+
+
+# --- trainer -------------------------------------------------------------------------------------------------
+
+
+def test_trainer_pins_sd_scripts_and_installs_the_training_stack() -> None:
+    args = arg_defaults("trainer")
+    text = run_text("trainer")
+    commit = args["SD_SCRIPTS_COMMIT"]
+    assert SHA1.fullmatch(commit) and commit.startswith("48d368f")
+    assert "git clone --quiet https://github.com/kohya-ss/sd-scripts.git /opt/sd-scripts" in text
+    assert f'git -C /opt/sd-scripts checkout --quiet "{commit}"' in text
+    assert "pip install --no-cache-dir -r requirements.txt" in text
+    assert pip_pin(text, "accelerate")
+    assert pip_pin(text, "bitsandbytes")
+    torch = pip_pin(text, "torch")
+    xformers = pip_pin(text, "xformers")
+    assert XFORMERS_TORCH[xformers] == torch.split("+")[0]
+    assert torch.endswith("+cu124") and "https://download.pytorch.org/whl/cu124" in text
+    assert re.search(r"pip install [^\n]*-c /wheels/constraints\.txt /wheels/sd_operator-\*\.whl", text)
+
+
+def test_trainer_runtime_contract() -> None:
+    user = final_user("trainer")
+    assert user.split(":")[0] == "1000"
+    env = env_values("trainer")
+    assert env["SD_SCRIPTS_DIR"] == SD_SCRIPTS_DIR == "/opt/sd-scripts"
+    assert json_form("trainer", "ENTRYPOINT") == ["sd-operator"]
+    copies = [rest for kw, rest in final_stage("trainer") if kw == "COPY"]
+    target = f"{env['HF_HOME']}/accelerate/default_config.yaml"
+    assert any(c.endswith(f"images/trainer/accelerate/default_config.yaml {target}") for c in copies)
+    config = yaml.safe_load((IMAGES / "trainer" / "accelerate" / "default_config.yaml").read_text(encoding="utf-8"))
+    assert config["use_cpu"] is False and config["mixed_precision"] == "fp16"
+    assert (config["num_processes"], config["num_machines"], config["distributed_type"]) == (1, 1, "NO")
+
+
+# --- build.sh ------------------------------------------------------------------------------------------------
+
+
+def _fake_docker(tmp_path: Path, *, engine: bool) -> dict[str, str]:
+    bindir = tmp_path / "bin"
+    bindir.mkdir()
+    log = tmp_path / "docker.log"
+    status = 0 if engine else 1
+    script = f'#!/bin/sh\necho "$*" >> "{log}"\n[ "$1" = info ] && exit {status}\nexit 0\n'
+    (bindir / "docker").write_text(script, encoding="utf-8")
+    (bindir / "docker").chmod(0o755)
+    return {**os.environ, "PATH": f"{bindir}{os.pathsep}{os.environ['PATH']}"}
+
+
+def test_build_script_without_an_engine_says_so_and_succeeds(tmp_path: Path) -> None:
+    out = subprocess.run(
+        ["bash", IMAGES / "build.sh"],
+        env=_fake_docker(tmp_path, engine=False),
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert out.returncode == 0, out.stderr
+    assert "no Docker engine here: images are not built (hadolint checks them in make lint)" in out.stdout
+    assert (tmp_path / "docker.log").read_text(encoding="utf-8").split() == ["info"]
+
+
+def test_build_script_builds_every_image_at_the_package_version(tmp_path: Path) -> None:
+    out = subprocess.run(
+        ["bash", IMAGES / "build.sh"],
+        env=_fake_docker(tmp_path, engine=True),
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert out.returncode == 0, out.stderr
+    builds = [line for line in (tmp_path / "docker.log").read_text(encoding="utf-8").splitlines() if "build" in line]
+    assert len(builds) == len(NAMES)
+    for name, line in zip(NAMES, builds, strict=True):
+        assert line.startswith("buildx build ")
+        assert f"--file images/{name}/Dockerfile" in line
+        assert f"--tag ghcr.io/sd-operator/{name}:{VERSION}" in line
+        assert f"--build-arg VERSION={VERSION}" in line
+        assert line.endswith(" .")
