@@ -14,7 +14,7 @@ export PATH := $(BIN):$(VENV)/bin:$(PATH)
 APT_PACKAGES := openssl redis-server nginx-light
 
 .PHONY: help deps venv constraints tools crds cluster-up cluster-down cluster-status cluster-clean dev lint unit \
-        integration test bench clean
+        integration test bench images clean
 
 help: ## list the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-16s %s\n", $$1, $$2}'
@@ -60,9 +60,10 @@ dev: deps venv tools ## the main job: local cluster, CRDs, operator in the foreg
 	@bash tools/dev.sh
 
 lint: venv ## ruff (lint and format) and mypy
-	$(VENV)/bin/ruff check operator tests tools bench deploy
-	$(VENV)/bin/ruff format --check operator tests tools bench deploy
+	$(VENV)/bin/ruff check operator tests tools bench deploy images
+	$(VENV)/bin/ruff format --check operator tests tools bench deploy images
 	$(VENV)/bin/mypy
+	$(VENV)/bin/hadolint --config images/.hadolint.yaml images/*/Dockerfile
 
 unit: venv ## unit tests (no cluster)
 	$(PY) -m pytest tests/unit
@@ -75,6 +76,9 @@ test: deps venv tools lint unit integration ## everything CI runs
 bench: deps venv tools ## benchmarks (numbers for the closing notes; not run by `make test`)
 	$(PY) bench/sdinstances.py --count 200 --idle-seconds 60
 	$(PY) bench/batch_throughput.py --items 200 --speed 1.0
+
+images: ## build the container images (docker buildx; says so and skips where no Docker engine answers)
+	@bash images/build.sh
 
 clean: cluster-down ## remove the venv and local state (the tool cache stays)
 	rm -rf $(VENV) .local .pytest_cache .mypy_cache .ruff_cache

@@ -306,6 +306,15 @@ def background_busy(seconds: float = 2.0) -> dict[str, float]:
     return {core: round(100 * (after[core][0] - b[0]) / max(after[core][1] - b[1], 1), 1) for core, b in before.items()}
 
 
+def wait_quiet(max_wait: float, threshold: float = 10.0) -> dict[str, float]:
+    """Waits (at most `max_wait` s) until no core is busier than `threshold` % for a second; the last sample."""
+    deadline = time.monotonic() + max_wait
+    while True:
+        busy = background_busy(1.0)
+        if max(busy.values(), default=0) <= threshold or time.monotonic() >= deadline:
+            return busy
+
+
 def sessions_cpu_seconds(sessions: set[int]) -> float:
     """CPU seconds (user + system) of all live processes in the given sessions (our process groups)."""
     total = 0

@@ -19,7 +19,8 @@ Measured per strategy: makespan (first submit to last answer), the lower bound
 max(total work / aggregate capacity, longest job on the fastest card) computed from the profiles the
 emulators report (/emulator/stats), makespan / lower bound, p50/p99 latency (submit to answer),
 failed requests, and per card the jobs, busy seconds and when it finished its last job (from the
-`info.emulator` timestamps of each answer) - which shows where the tail comes from.
+`info.emulator` timestamps of each answer) - which shows where the tail comes from - and the CPU
+that processes other than ours used meanwhile (a loaded machine delays the emulators' timers).
 
 Run:  .venv/bin/python bench/gateway_dispatch.py [--quick] [--jobs 120] [--target-seconds 22]
 Prints a markdown table and a JSON summary; exits non-zero only on errors (not on missed goals).
@@ -42,7 +43,7 @@ import aiohttp
 import requests
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import Fleet, Proc, background_busy, dump_json, emulator_stats, markdown_table, summary_ms
+from common import Fleet, ForeignLoad, Proc, background_busy, dump_json, emulator_stats, markdown_table, summary_ms
 
 from sd_operator.emulator.profiles import PROFILES, Family
 
@@ -214,8 +215,10 @@ def run_strategy(name: str, tmp: Path, jobs: list[str], speed: float, clients: i
             assert front is not None
             return front.url
 
-        results, t0, wall0 = asyncio.run(drive(jobs, route, clients, seed_base))
+        with ForeignLoad(fleet) as foreign:
+            results, t0, wall0 = asyncio.run(drive(jobs, route, clients, seed_base))
         out = analyse(name, jobs, results, t0, wall0, spu)
+        out["foreign_cpu_pct"] = foreign.pct  # CPU used by other users of the machine meanwhile
         after = {e.name: emulator_stats(e) for e in emus}
         out["max_concurrency_per_instance"] = max(s["max_concurrency"] for s in after.values())
         if front is not None and front.name == "gateway":
@@ -269,6 +272,7 @@ def main() -> int:
                     name, out["makespan_s"], out["lower_bound"], out["ratio"], lat["p50"] / 1e3, lat["p99"] / 1e3,
                     out["failed"], out["utilisation"], out["loss_per_card_avg"]["tail_idle_s"],
                     out["loss_per_card_avg"]["per_job_extra_s"], out["loss_per_card_avg"]["gaps_s"],
+                    out["foreign_cpu_pct"],
                     " ".join(f"{c}:{v['jobs']}/{v['idle_at_end_s']:.1f}" for c, v in out["cards"].items()),
                 ]
             )  # fmt: skip
@@ -277,7 +281,7 @@ def main() -> int:
         markdown_table(
             [
                 "strategy", "makespan s", "lower bound s", "ratio", "p50 s", "p99 s", "failed", "util",
-                "avg tail idle s", "avg per-job extra s", "avg gaps s",
+                "avg tail idle s", "avg per-job extra s", "avg gaps s", "other procs CPU %",
                 "per card: jobs/idle-at-end s",
             ],
             rows,

@@ -133,7 +133,11 @@ class GenerationBatchSpec(ApiModel):
         None, description="A grid of prompts x LoRA weights x seeds x CFG scales.", json_schema_extra=immutable("sweep")
     )
     concurrency: int | None = Field(
-        None, description="Requests in flight at most; default: twice the ready instances of the model (one rendering, one waiting in the gateway, so no instance waits for the runner).", ge=1, le=1024
+        None,
+        description="Requests in flight at most; default: twice the ready instances of the model "
+        "(one rendering, one waiting in the gateway, so no instance waits for the runner).",
+        ge=1,
+        le=1024,
     )
     retries: int = Field(3, description="Retries per item on retriable errors.", ge=0, le=20)
     item_timeout_seconds: int = Field(600, description="Timeout of one item, in seconds.", ge=1, le=86400)
