@@ -14,7 +14,7 @@ export PATH := $(BIN):$(VENV)/bin:$(PATH)
 APT_PACKAGES := openssl redis-server nginx-light
 
 .PHONY: help deps venv constraints tools crds cluster-up cluster-down cluster-status cluster-clean dev lint unit \
-        integration test bench images clean
+        integration test bench images dist clean
 
 help: ## list the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-16s %s\n", $$1, $$2}'
@@ -77,8 +77,11 @@ bench: deps venv tools ## benchmarks (numbers for the closing notes; not run by 
 	$(PY) bench/sdinstances.py --count 200 --idle-seconds 60
 	$(PY) bench/batch_throughput.py --items 200 --speed 1.0
 
+dist: crds tools ## render dist/install.yaml (CRDs, Namespace, the chart's defaults) for kubectl apply --server-side
+	@bash tools/dist.sh
+
 images: ## build the container images (docker buildx; says so and skips where no Docker engine answers)
 	@bash images/build.sh
 
 clean: cluster-down ## remove the venv and local state (the tool cache stays)
-	rm -rf $(VENV) .local .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) .local .pytest_cache .mypy_cache .ruff_cache dist
