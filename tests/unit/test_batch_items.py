@@ -414,3 +414,20 @@ def test_batch_file_in_yaml_and_the_subcommand_wiring(tmp_path: Path) -> None:
     assert (args.batch_file, args.concurrency, args.report) == ("b.json", 4, "none")
     with pytest.raises(SystemExit):
         parser.parse_args(["batch", "--batch-file", "b.json", "--concurrency", "0"])
+
+
+def test_answers_classified_retriable_waited_out_or_permanent() -> None:
+    import json as _json
+
+    from sd_operator.batch.client import FleetUnavailable, PermanentItemError, RetriableError, classify
+
+    def body(kind: str, detail: str = "x") -> bytes:
+        return _json.dumps({"error": kind, "detail": detail}).encode()
+
+    assert isinstance(classify(404, body("UnknownModel")), FleetUnavailable)  # instances restarting
+    assert isinstance(classify(503, body("NoBackend")), FleetUnavailable)
+    assert isinstance(classify(429, body("QueueFull"), "7"), RetriableError)
+    assert classify(429, body("QueueFull"), "7").retry_after == 7
+    assert isinstance(classify(413, body("OutOfMemoryError")), PermanentItemError)
+    assert isinstance(classify(500, body("OutOfMemoryError", "CUDA out of memory")), PermanentItemError)
+    assert isinstance(classify(422, body("ValidationError")), PermanentItemError)

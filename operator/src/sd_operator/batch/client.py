@@ -1,8 +1,9 @@
 """The runner's side of the services layer: model and preset look-ups, txt2img, and what an error means.
 
 Retriable: connection errors, timeouts, 408, 429 (with Retry-After), 500 that is not out of memory,
-502/503/504. Permanent: every other 4xx (400 validation, 404 unknown model, 413/422) and any
-OutOfMemoryError answer, which the same request at the same size would only repeat.
+502/503/504. Waited out (up to the item timeout, without spending retries): no instance of the model
+right now (404 UnknownModel / 503 NoBackend while its instances restart). Permanent: every other 4xx
+(400 validation, 413/422) and any OutOfMemoryError answer, which the same request would only repeat.
 """
 
 from __future__ import annotations
@@ -34,6 +35,11 @@ class RetriableError(Exception):
     def __init__(self, reason: str, retry_after: float | None = None) -> None:
         super().__init__(reason)
         self.retry_after = retry_after
+
+
+class FleetUnavailable(RetriableError):
+    """No instance of the model right now (it restarts, or is scaled to zero): wait, without spending the
+    item's retries; the model was confirmed when the runner started."""
 
 
 @dataclass
@@ -72,6 +78,8 @@ def classify(status: int, data: bytes, retry_after: str | None = None) -> Except
     reason = f"HTTP {status}{f' {kind}' if kind else ''}: {detail}".strip().rstrip(":")
     if kind == "OutOfMemoryError" or "out of memory" in detail.lower():
         return PermanentItemError(reason)
+    if kind in ("UnknownModel", "NoBackend") or (status == 503 and not kind):
+        return FleetUnavailable(reason, _retry_after(retry_after))
     if status in RETRIABLE_STATUS:
         return RetriableError(reason, _retry_after(retry_after))
     return PermanentItemError(reason)

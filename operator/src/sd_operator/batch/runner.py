@@ -25,6 +25,7 @@ import aiohttp
 from sd_operator.api.generationbatch import GenerationBatchSpec, ImageFormat
 from sd_operator.batch.client import (
     Answer,
+    FleetUnavailable,
     GatewayClient,
     GatewayUnusable,
     RetriableError,
@@ -216,7 +217,8 @@ class Runner:
             task.params, prompt_prefix=self.s.spec.prompt_prefix, preset=self.preset, inputs_dir=self.s.inputs_dir
         )
         expected = int(body.get("batch_size") or 1) * int(body.get("n_iter") or 1)
-        for attempt in range(self.s.spec.retries + 1):
+        attempt, waited_since = 0, time.monotonic()
+        while True:
             started = time.time()
             try:
                 code, data, retry_after, backend = await client.txt2img(body)
@@ -224,6 +226,12 @@ class Runner:
                     raise classify(code, data, retry_after)
                 answer = await asyncio.to_thread(parse_answer, data, expected, backend)
                 break
+            except FleetUnavailable as e:
+                if time.monotonic() - waited_since > self.s.spec.item_timeout_seconds:
+                    raise PermanentItemError(f"{e} (no instance for {self.s.spec.item_timeout_seconds}s)") from None
+                if await self._stopped_within(min(30.0, backoff(3, e.retry_after))):
+                    raise _Abandoned from None
+                continue
             except RetriableError as e:
                 if attempt == self.s.spec.retries:
                     raise PermanentItemError(f"{e} (gave up after {attempt + 1} attempts)") from None
@@ -231,6 +239,7 @@ class Runner:
                 log.info("batch %s: item %d: %s; retrying in %.1fs", self.s.name, task.index, e, delay)
                 if await self._stopped_within(delay):
                     raise _Abandoned from None
+                attempt += 1
         finished = time.time()
         timings: dict[str, Any] = {"queued_at": _iso(queued), "started": _iso(started), "finished": _iso(finished)}
         timings |= {"seconds": round(finished - started, 3), "attempts": attempt + 1}
