@@ -14,11 +14,12 @@ emulators, the load generators and this script run on core 1 (`taskset -c 1` / s
 (2) Throughput: `--emulators` (8) zero-latency emulators of one model (8 slots: each holds the
     WebUI's one-generation lock) behind the gateway. `wrk` (C, closed loop, keep-alive; a Lua
     script gives each request a unique seed) runs for `--duration` s at each concurrency of
-    `--levels`, first directly against the emulators (one wrk thread per emulator: the ceiling of
-    core 1, i.e. proof that neither the backends nor the load generator limit the gateway runs),
-    then against the gateway. Reported per level: req/s, p50/p99, the added p50/p99 versus direct
-    at the same concurrency, busy % of each core, the gateway's CPU ms per request (so its
-    one-core ceiling is 1000 / that) and wrk's own CPU use.
+    `--levels`, first directly against the emulators (one wrk thread per emulator: what core 1 can
+    serve at all, with wrk's own CPU shown to be small), then against the gateway. Reported per
+    level: req/s, p50/p99, the added p50/p99 versus direct at the same concurrency, busy % of each
+    core, the gateway's CPU ms per request (so its one-core ceiling is 1000 / that) and wrk's CPU
+    use. A level is "saturated" when the gateway's core or core 1 was >= 90% busy; the latency goal
+    (added p99 < 5 ms) is judged on the levels below saturation.
 (3) The same against stub backends: one nginx (core 1) with `--emulators` ports that replay the
     answers recorded from the emulator in (1) (sd-models, memory, a 64x64 txt2img) instantly. The
     emulators of (2) share one core and saturate it far below the gateway's limit; the stubs cost
@@ -68,6 +69,7 @@ GATEWAY_CORE, REST_CORE = 0, 1
 GOAL_RPS, GOAL_ADDED_P99_MS = 1000.0, 5.0
 STUB_GETS = ("/sdapi/v1/sd-models", "/sdapi/v1/memory")  # what the gateway probes a backend with
 FIRST_SEED = 10_000_000  # wrk seeds: every run of one gateway gets its own range (see throughput())
+SATURATED = 90.0  # % busy of a core from which a level counts as saturated
 FOREIGN_LIMIT = 15.0  # % of a core other processes may use during a measurement before it is repeated
 BODY = '{"prompt":"bench","steps":1,"width":64,"height":64,"seed":%d}'
 CLK_TCK = os.sysconf("SC_CLK_TCK")
@@ -251,16 +253,19 @@ def throughput(
     """wrk at each concurrency, directly against `backends` (one wrk thread each) and through a gateway."""
     gw: Proc = fleet.gateway(backends, core=GATEWAY_CORE, name=f"gateway-{label}")
     ports = [int(urlsplit(u).port or 0) for u in backends]
-    threads = len(backends)  # one wrk thread per backend when direct; the same for the gateway runs
     seed = FIRST_SEED
     # Warm-up both paths (connections to every backend, code paths).
-    run_wrk(fleet, tmp, backends[0], ports, threads, threads, 1, seed)
-    run_wrk(fleet, tmp, gw.url, [], threads, threads, 1, seed + 10_000_000 * (threads + 1))
-    seed += 20_000_000 * (threads + 1)
+    n = len(backends)
+    run_wrk(fleet, tmp, backends[0], ports, n, n, 1, seed)
+    run_wrk(fleet, tmp, gw.url, [], n, n, 1, seed + 10_000_000 * (n + 1))
+    seed += 20_000_000 * (n + 1)
     rows = []
     for c in levels:
+        # One wrk thread per backend (wrk thread i talks to backend i when direct; with fewer connections
+        # than backends only the first c are used); the gateway runs get the same number of threads.
+        threads = min(n, c)
 
-        def one(url: str, direct_ports: list[int], conns: int = c) -> dict[str, Any]:
+        def one(url: str, direct_ports: list[int], conns: int = c, threads: int = threads) -> dict[str, Any]:
             nonlocal seed
             seed += 10_000_000 * (threads + 1)  # unique seeds in every run: the gateway's cache never hits
             gw_before, cpu_before = proc_cpu_seconds(gw.process.pid), _children_cpu()
@@ -273,9 +278,12 @@ def throughput(
 
         direct = measured(fleet, *quiet, lambda: one(backends[0], ports))
         via = measured(fleet, *quiet, lambda: one(gw.url, []))
+        busy = via["core_busy_pct"]
         rows.append(
             {
                 "concurrency": c,
+                # Saturated: the gateway's core, or the core of the backends and wrk, was (nearly) always busy.
+                "saturated": via["gateway_cpu_pct"] >= SATURATED or busy.get(f"cpu{REST_CORE}", 0) >= SATURATED,
                 "direct": direct,
                 "gateway": via,
                 "added_p50_ms": (via["p50_us"] - direct["p50_us"]) / 1e3,
@@ -297,7 +305,8 @@ def throughput_table(rows: list[dict[str, Any]]) -> str:
         dr, gr = r["direct"], r["gateway"]
         table.append(
             [
-                r["concurrency"], round(dr["rps"]), dr["p50_us"] / 1e3, dr["p99_us"] / 1e3,
+                f"{r['concurrency']}{'*' if r['saturated'] else ''}", round(dr["rps"]), dr["p50_us"] / 1e3,
+                dr["p99_us"] / 1e3,
                 round(gr["rps"]), gr["p50_us"] / 1e3, gr["p99_us"] / 1e3, r["added_p50_ms"], r["added_p99_ms"],
                 gr["gateway_cpu_pct"], gr["gateway_cpu_ms_per_request"],
                 gr["core_busy_pct"].get(f"cpu{REST_CORE}", ""), gr["wrk_cpu_pct"],
@@ -315,9 +324,10 @@ def throughput_table(rows: list[dict[str, Any]]) -> str:
 
 
 def verdict(rows: list[dict[str, Any]]) -> dict[str, Any]:
-    """The goals for one throughput run: peak req/s, and the added p99 at the lowest level (no queueing)."""
+    """The goals for one throughput run: peak req/s, and the added p99 at the levels below saturation."""
     best = max(rows, key=lambda r: r["gateway"]["rps"])
     cpu_ms = best["gateway"]["gateway_cpu_ms_per_request"]
+    below = [r for r in rows if not r["saturated"]]
     return {
         "gateway_max_rps": round(best["gateway"]["rps"], 1),
         "at_concurrency": best["concurrency"],
@@ -327,7 +337,9 @@ def verdict(rows: list[dict[str, Any]]) -> dict[str, Any]:
         "one_core_ceiling_rps": round(1000 / cpu_ms) if cpu_ms else None,
         "lowest_level": rows[0]["concurrency"],
         "added_p99_ms_lowest_level": round(rows[0]["added_p99_ms"], 3),
-        "added_p99_goal_met": rows[0]["added_p99_ms"] < GOAL_ADDED_P99_MS,
+        "unsaturated_levels": [r["concurrency"] for r in below],
+        "added_p99_ms_below_saturation": round(max(r["added_p99_ms"] for r in below), 3) if below else None,
+        "added_p99_goal_met": bool(below) and max(r["added_p99_ms"] for r in below) < GOAL_ADDED_P99_MS,
     }
 
 
@@ -341,10 +353,10 @@ def _children_cpu() -> float:
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true", help="smoke run: 200 requests, 2 emulators, 2 levels of 2 s")
+    p.add_argument("--quick", action="store_true", help="smoke run: 200 requests, 2 emulators, 3 levels of 2 s")
     p.add_argument("--requests", type=int, help="sequential requests per path in (1) (default 2000)")
     p.add_argument("--emulators", type=int, help="zero-latency emulators behind the gateway in (2) (default 8)")
-    p.add_argument("--levels", help="comma-separated concurrencies for (2) (default 8,16,32,64)")
+    p.add_argument("--levels", help="comma-separated concurrencies (default 2,4,8,16,32,64)")
     p.add_argument("--duration", type=float, help="seconds per level and path in (2) (default 10)")
     p.add_argument("--attempts", type=int, help="runs per measurement while other processes load the machine (3)")
     p.add_argument("--max-wait", type=float, help="seconds to wait for a quiet machine before a measurement (30)")
@@ -353,13 +365,11 @@ def main() -> int:
     args = p.parse_args()
     n = args.requests or (200 if args.quick else 2000)
     emulators = args.emulators or (2 if args.quick else 8)
-    levels = [int(x) for x in (args.levels or ("2,8" if args.quick else "8,16,32,64")).split(",")]
+    levels = [int(x) for x in (args.levels or ("1,2,8" if args.quick else "2,4,8,16,32,64")).split(",")]
     duration = args.duration or (2.0 if args.quick else 10.0)
     quiet = (args.attempts or (1 if args.quick else 3), args.max_wait if args.max_wait is not None else 30.0)
     if args.quick and args.max_wait is None:
         quiet = (quiet[0], 0.0)
-    if any(c < emulators for c in levels):
-        p.error("every level must be at least --emulators (one wrk thread per emulator)")
     if shutil.which("wrk") is None:
         print("ERROR: wrk is missing: apt-get install -y wrk", file=sys.stderr)
         return 2
@@ -408,11 +418,14 @@ def main() -> int:
     )
     print(f"\n## (2) throughput, {emulators} zero-latency emulators, closed loop (wrk), {duration:g}s per level")
     print(throughput_table(rows))
+    note = f"(* = saturated: the gateway's core or core {REST_CORE} was >= {SATURATED:g}% busy in the gateway run)"
+    print(note)
     if stub_rows:
         print(
             f"\n## (3) throughput, {emulators} nginx stub backends (recorded emulator answer), {duration:g}s per level"
         )
         print(throughput_table(stub_rows))
+        print(note)
     errors = lat["errors"] + sum(r["direct"]["errors"] + r["gateway"]["errors"] for r in rows + stub_rows)
     goals = {"emulators": verdict(rows)} | ({"stub": verdict(stub_rows)} if stub_rows else {})
     goals["sequential_added_ms"] = {"p50": round(a["p50"], 3), "p99": round(a["p99"], 3)}
@@ -424,8 +437,10 @@ def main() -> int:
             f"goals [{label}]: >= {GOAL_RPS:g} req/s: {'yes' if v['rps_goal_met'] else 'NO'} "
             f"(best {v['gateway_max_rps']:.0f} req/s at c={v['at_concurrency']}, direct {v['direct_max_rps']:.0f}; "
             f"gateway CPU {v['gateway_cpu_ms_per_request']} ms/request = ~{v['one_core_ceiling_rps']} req/s per "
-            f"core); added p99 at c={v['lowest_level']}: {v['added_p99_ms_lowest_level']:.2f} ms "
-            f"(< {GOAL_ADDED_P99_MS:g}: {'yes' if v['added_p99_goal_met'] else 'NO'})"
+            f"core); worst added p99 below saturation (c in {v['unsaturated_levels']}): "
+            f"{v['added_p99_ms_below_saturation']} ms (< {GOAL_ADDED_P99_MS:g}: "
+            f"{'yes' if v['added_p99_goal_met'] else 'NO'}); added p99 at c={v['lowest_level']}: "
+            f"{v['added_p99_ms_lowest_level']:.2f} ms"
         )
     print(f"sequential added p50/p99: {a['p50']:.2f}/{a['p99']:.2f} ms")
     doc = {

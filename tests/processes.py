@@ -87,6 +87,12 @@ def gateway(tmp: Path, backends: list[Proc] | list[dict], *args: str, name: str 
     cmd = [str(BIN / "sd-operator"), "gateway", "--port", "0", "--backends-file", str(backends_file), *args]
     proc = _start(cmd, tmp / f"{name}.log", "GATEWAY_PORT")
     _wait_ok(f"{proc.url}/readyz")
+    # Ready means one backend answered; tests want all of them probed and in the rotation.
+    deadline = time.monotonic() + 30
+    while len(requests.get(f"{proc.url}/v1/instances", timeout=5).json()) < len(entries):
+        if time.monotonic() > deadline:
+            raise AssertionError(f"the gateway did not take up all {len(entries)} backends")
+        time.sleep(0.05)
     return proc
 
 

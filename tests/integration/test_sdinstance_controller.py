@@ -65,17 +65,19 @@ def test_sdinstance_becomes_ready_with_its_children(
 
 
 def test_more_gpu_replicas_than_the_fleet_has_shows_the_scheduler_reason(
-    operator: Operator, custom: client.CustomObjectsApi, namespace: str, gpu_pool: str
+    cluster: Cluster, operator: Operator, custom: client.CustomObjectsApi, namespace: str, gpu_pool: str
 ) -> None:
     custom.create_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, sdi("many", gpu_pool, replicas=3))
     wait_for(lambda: get(custom, namespace, "many").get("status", {}).get("ready") == "2/3", timeout=60, what="2/3")
     assert get(custom, namespace, "many")["status"]["phase"] == "Degraded"
-    wait_for(
-        lambda: "Insufficient nvidia.com/gpu" in get(custom, namespace, "many")["status"]["message"],
+    status = wait_for(
+        lambda: (
+            (st := get(custom, namespace, "many")["status"]) and "Insufficient nvidia.com/gpu" in st["message"] and st
+        ),
         timeout=90,  # the scheduler reports after its retry back-off when nodes changed meanwhile
         what="the scheduler's reason in the message",
     )
-    unscheduled = {c["type"]: c for c in get(custom, namespace, "many")["status"]["conditions"]}["PodScheduled"]
+    unscheduled = {c["type"]: c for c in status["conditions"]}["PodScheduled"]
     assert unscheduled["status"] == "False" and "nvidia.com/gpu" in unscheduled["message"]
 
     body = sdi("nowhere", gpu_pool)

@@ -39,6 +39,12 @@ PLURAL, KIND = "lorajobs", "LoRAJob"
 CONTROLLER = f"{PLURAL}.{API_GROUP}"
 _lock = threading.Lock()
 _written: dict[tuple[str, str], dict[str, Any]] = {}
+_step_locks: dict[tuple[str, str], threading.Lock] = {}
+
+
+def _step_lock(key: tuple[str, str]) -> threading.Lock:
+    with _lock:
+        return _step_locks.setdefault(key, threading.Lock())
 
 
 def _settings() -> RenderSettings:
@@ -225,18 +231,21 @@ def child_changed(
     **_: Any,
 ) -> None:
     key = (namespace, labels[LORAJOB_LABEL])
-    if key not in lorajobs_by_name:
-        return
-    (lj,) = lorajobs_by_name[key]
-    if lj["deleting"]:
-        return
-    advance(
-        key,
-        lj,
-        list(lorajob_jobs.get(key, [])),
-        list(lorajob_lint.get(key, [])),
-        list(lorajob_evaluations.get(key, [])),
-    )
+    # Events of the Jobs, pods and batch of one LoRAJob arrive in parallel threads: one at a time derives
+    # the next step, from the indexes as they are then.
+    with _step_lock(key):
+        if key not in lorajobs_by_name:
+            return
+        (lj,) = lorajobs_by_name[key]
+        if lj["deleting"]:
+            return
+        advance(
+            key,
+            lj,
+            list(lorajob_jobs.get(key, [])),
+            list(lorajob_lint.get(key, [])),
+            list(lorajob_evaluations.get(key, [])),
+        )
 
 
 def advance(
@@ -378,6 +387,7 @@ def refresh_loras(model: str) -> None:
 def forget(namespace: str, name: str, **_: Any) -> None:
     with _lock:
         _written.pop((namespace, name), None)
+        _step_locks.pop((namespace, name), None)
 
 
 __all__ = ["publish_name", "reconcile"]

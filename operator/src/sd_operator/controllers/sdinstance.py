@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Callable
 from typing import Any
 
 import kopf
@@ -30,6 +31,12 @@ WARNING_PHASES = {Phase.FAILED.value, Phase.DEGRADED.value}
 # The last status this process wrote per instance: skips patches that would change nothing.
 _written: dict[tuple[str, str], dict[str, Any]] = {}
 _written_lock = threading.Lock()
+_instance_locks: dict[tuple[str, str], threading.Lock] = {}
+
+
+def _instance_lock(key: tuple[str, str]) -> threading.Lock:
+    with _written_lock:
+        return _instance_locks.setdefault(key, threading.Lock())
 
 
 def parse_spec(spec: Any) -> SDInstanceSpec:
@@ -103,7 +110,7 @@ def reconcile(
     logger.info("applied %s children for model %s", KIND, parsed.model.checkpoint.name)
     # The status goes out with kopf's own patch of this object (one request, and no event in
     # between that lacks kopf's bookkeeping annotation and would make it run this handler again).
-    refresh_status(namespace, name, parsed, body, list(instance_pods.get((namespace, name), [])), patch=patch)
+    refresh_status(namespace, name, parsed, body, lambda: list(instance_pods.get((namespace, name), [])), patch=patch)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -127,7 +134,7 @@ def pod_changed(
         parsed = SDInstanceSpec.model_validate(indexed["spec"])
     except ValidationError:
         return  # reconcile reports the problem
-    refresh_status(namespace, instance, parsed, None, list(instance_pods.get(key, [])), indexed)
+    refresh_status(namespace, instance, parsed, None, lambda: list(instance_pods.get(key, [])), indexed)
 
 
 def refresh_status(
@@ -135,7 +142,7 @@ def refresh_status(
     name: str,
     spec: SDInstanceSpec,
     body: kopf.Body | None,
-    pods: list[dict[str, Any]],
+    pods: Callable[[], list[dict[str, Any]]],
     indexed: dict[str, Any] | None = None,
     patch: kopf.Patch | None = None,
 ) -> None:
@@ -148,17 +155,20 @@ def refresh_status(
         assert indexed is not None
         previous, generation, uid = indexed["status"], None, indexed["uid"]
     key = (namespace, name)
-    with _written_lock:
-        last = _written.get(key) or previous
-    status = derive_status(name, namespace, spec, pods, last, generation)
-    if _same(status, last):
-        return
-    if patch is not None:
-        patch.status.update(status)
-    else:
-        kube.patch_status(f"{API_GROUP}/{API_VERSION}", KIND, namespace, name, status)
-    with _written_lock:
-        _written[key] = status
+    # Handlers of different pods run in parallel threads: one instance's status is derived and written
+    # by one of them at a time, from the index as it is then, so an older view never overwrites a newer.
+    with _instance_lock(key):
+        with _written_lock:
+            last = _written.get(key) or previous
+        status = derive_status(name, namespace, spec, pods(), last, generation)
+        if _same(status, last):
+            return
+        if patch is not None:
+            patch.status.update(status)
+        else:
+            kube.patch_status(f"{API_GROUP}/{API_VERSION}", KIND, namespace, name, status)
+        with _written_lock:
+            _written[key] = status
     if status["phase"] != last.get("phase"):
         ref = {
             "apiVersion": f"{API_GROUP}/{API_VERSION}",
@@ -185,3 +195,4 @@ def forget(namespace: str, name: str, **_: Any) -> None:
     """Children go with the owner (garbage collector); only the local cache needs cleaning."""
     with _written_lock:
         _written.pop((namespace, name), None)
+        _instance_locks.pop((namespace, name), None)
