@@ -163,22 +163,3 @@ def test_token_bucket_rate_limit() -> None:
     assert tenant.allow(now=100.0) == 0 and tenant.allow(now=100.0) == 0
     assert tenant.allow(now=100.0) == 0.5  # empty: the next token comes in 1/rate seconds
     assert tenant.allow(now=100.5) == 0
-
-
-def test_a_big_job_waits_for_a_much_faster_busy_card_while_a_small_one_backfills() -> None:
-    async def scenario() -> tuple[str, str, bool]:
-        d = Dispatcher()
-        fast, slow = Backend("http://fast", "m"), Backend("http://slow", "m")
-        fast.seconds_per_unit, slow.seconds_per_unit = 1.0, 10.0
-        d.add(fast)
-        d.add(slow)
-        first = await d.acquire("m", units=1)  # the fast card: busy for about 1 s
-        assert first is fast
-        big = asyncio.create_task(d.acquire("m", units=10))  # 10 s on fast (after 1 s) vs 100 s on slow
-        await _settle()
-        held = not big.done()
-        small = await d.acquire("m", units=0.05)  # 0.5 s on the idle slow card: better now than later
-        d.release(fast, ok=True)
-        return (await big).url, small.url, held
-
-    assert run(scenario()) == ("http://fast", "http://slow", True)

@@ -57,7 +57,6 @@ class Backend:
     completed: int = 0
     last_latency: float | None = None
     removed: bool = False
-    busy_until: float = 0.0  # when its current work is expected to end (monotonic clock)
 
     @property
     def ejected(self) -> bool:
@@ -204,7 +203,6 @@ class Dispatcher:
 
     def release(self, backend: Backend, *, ok: bool, seconds: float | None = None, units: float | None = None) -> None:
         backend.inflight = max(0, backend.inflight - 1)
-        backend.busy_until = 0.0
         if ok and seconds is not None and units:
             per_unit = seconds / units
             prev = backend.seconds_per_unit
@@ -225,21 +223,15 @@ class Dispatcher:
             if not free:
                 return
             chosen, stale = None, []
-            now = time.monotonic()
-            busy = [b for b in self.backends.get(model, []) if not b.removed and not b.ejected and not b.has_slot]
             for waiter in queue.candidates():
                 if waiter.future.done():  # cancelled while waiting
                     stale.append(waiter)
                     continue
                 usable = [b for b in free if id(b) not in waiter.exclude]
-                if not usable:
-                    continue
-                # The idle backend expected to finish this request soonest...
-                best = min(usable, key=lambda b: b.expected_seconds(waiter.units, speed))
-                if self._better_wait(waiter, best, busy, now, speed):
-                    continue  # ...unless a busy, faster one would still finish it sooner: a smaller job may fit
-                chosen = (waiter, best)
-                break
+                if usable:
+                    # The idle backend expected to finish this request soonest.
+                    chosen = (waiter, min(usable, key=lambda b: b.expected_seconds(waiter.units, speed)))
+                    break
             for waiter in stale:  # removed after the walk: the queue must not change under it
                 queue.remove(waiter)
             if chosen is None:
@@ -247,23 +239,4 @@ class Dispatcher:
             waiter, backend = chosen
             queue.served(waiter)
             backend.inflight += 1
-            backend.busy_until = time.monotonic() + backend.expected_seconds(waiter.units, speed)
             waiter.future.set_result(backend)
-
-    @staticmethod
-    def _better_wait(waiter: Waiter, idle: Backend, busy: list[Backend], now: float, speed: float) -> bool:
-        """Earliest completion: holding a request for a busy card pays when that card, once free, would
-        still finish it well before the idle (slower) card. Only with learned speeds, so a fleet that is
-        still warming up is never held back; the margin keeps estimates' noise from idling a card."""
-        if idle.seconds_per_unit is None:
-            return False
-        on_idle = now + idle.expected_seconds(waiter.units, speed)
-        for other in busy:
-            if other.seconds_per_unit is None or id(other) in waiter.exclude:
-                continue
-            if now > other.busy_until + max(10.0, other.expected_seconds(waiter.units, speed)):
-                continue  # far overdue: maybe stuck, do not wait for it
-            on_other = max(other.busy_until, now) + other.expected_seconds(waiter.units, speed)
-            if on_other < now + 0.8 * (on_idle - now):
-                return True
-        return False
