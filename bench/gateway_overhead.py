@@ -18,8 +18,11 @@ emulators, the load generators and this script run on core 1 (`taskset -c 1` / s
     serve at all, with wrk's own CPU shown to be small), then against the gateway. Reported per
     level: req/s, p50/p99, the added p50/p99 versus direct at the same concurrency, busy % of each
     core, the gateway's CPU ms per request (so its one-core ceiling is 1000 / that) and wrk's CPU
-    use. A level is "saturated" when the gateway's core or core 1 was >= 90% busy; the latency goal
-    (added p99 < 5 ms) is judged on the levels below saturation.
+    use. Then paced runs (`--paced`, default ~200/500/1000 req/s offered: each of the 8 connections
+    pauses 8000/rate ms after every answer, wrk's delay(); the pause is not counted as latency). A
+    level is "saturated" when the gateway's core or core 1 was >= 90% busy; the latency goal (added
+    p99 < 5 ms) is judged on the levels below saturation (closed-loop levels with zero-latency
+    backends keep the gateway busy all the time, so mostly the paced ones).
 (3) The same against stub backends: one nginx (core 1) with `--emulators` ports that replay the
     answers recorded from the emulator in (1) (sd-models, memory, a 64x64 txt2img) instantly. The
     emulators of (2) share one core and saturate it far below the gateway's limit; the stubs cost
@@ -93,6 +96,7 @@ function request()
   local body = string.format('%(body)s', %(seed)d + tid * 10000000 + counter)
   return wrk.format("POST", "/sdapi/v1/txt2img", headers, body)
 end
+%(delay)s
 function done(summary, latency, requests)
   local e = summary.errors
   io.write(string.format(
@@ -194,10 +198,20 @@ def proc_cpu_seconds(pid: int) -> float:
 
 
 def run_wrk(
-    fleet: Fleet, tmp: Path, url: str, ports: list[int], connections: int, threads: int, duration: float, seed: int
+    fleet: Fleet,
+    tmp: Path,
+    url: str,
+    ports: list[int],
+    connections: int,
+    threads: int,
+    duration: float,
+    seed: int,
+    delay_ms: int = 0,
 ) -> dict:
+    """One wrk run; with `delay_ms` each connection pauses that long after every answer (paced load)."""
     script = tmp / f"wrk-{seed}.lua"
-    script.write_text(WRK_LUA % {"ports": ", ".join(map(str, ports)), "body": BODY, "seed": seed})
+    delay = f"function delay() return {delay_ms} end" if delay_ms > 0 else ""
+    script.write_text(WRK_LUA % {"ports": ", ".join(map(str, ports)), "body": BODY, "seed": seed, "delay": delay})
     cmd = ["wrk", f"-t{threads}", f"-c{connections}", f"-d{duration:g}s", "--timeout", "10s", "-s", str(script), url]
     if two_cores():
         cmd = ["taskset", "-c", str(REST_CORE), *cmd]
@@ -249,6 +263,7 @@ def throughput(
     duration: float,
     label: str,
     quiet: tuple[int, float],
+    paced: list[int],
 ) -> list[dict[str, Any]]:
     """wrk at each concurrency, directly against `backends` (one wrk thread each) and through a gateway."""
     gw: Proc = fleet.gateway(backends, core=GATEWAY_CORE, name=f"gateway-{label}")
@@ -260,16 +275,21 @@ def throughput(
     run_wrk(fleet, tmp, gw.url, [], n, n, 1, seed + 10_000_000 * (n + 1))
     seed += 20_000_000 * (n + 1)
     rows = []
-    for c in levels:
+    # Closed loop at each concurrency, then paced: n connections that each pause after every answer so
+    # that together they offer about `rate` req/s (wrk's delay(); the pause is not part of the latency).
+    plan = [(c, 0, None) for c in levels] + [(n, max(1, round(1000 * n / rate)), rate) for rate in paced]
+    for c, delay_ms, rate in plan:
         # One wrk thread per backend (wrk thread i talks to backend i when direct; with fewer connections
         # than backends only the first c are used); the gateway runs get the same number of threads.
         threads = min(n, c)
 
-        def one(url: str, direct_ports: list[int], conns: int = c, threads: int = threads) -> dict[str, Any]:
+        def one(
+            url: str, direct_ports: list[int], conns: int = c, threads: int = threads, delay_ms: int = delay_ms
+        ) -> dict[str, Any]:
             nonlocal seed
             seed += 10_000_000 * (threads + 1)  # unique seeds in every run: the gateway's cache never hits
             gw_before, cpu_before = proc_cpu_seconds(gw.process.pid), _children_cpu()
-            res = run_wrk(fleet, tmp, url, direct_ports, conns, threads, duration, seed)
+            res = run_wrk(fleet, tmp, url, direct_ports, conns, threads, duration, seed, delay_ms)
             res["wrk_cpu_pct"] = round(100 * (_children_cpu() - cpu_before) / res["wall_s"], 1)
             gw_cpu = proc_cpu_seconds(gw.process.pid) - gw_before
             res["gateway_cpu_pct"] = round(100 * gw_cpu / res["wall_s"], 1)
@@ -282,6 +302,7 @@ def throughput(
         rows.append(
             {
                 "concurrency": c,
+                "paced_rps": rate,  # None: closed loop
                 # Saturated: the gateway's core, or the core of the backends and wrk, was (nearly) always busy.
                 "saturated": via["gateway_cpu_pct"] >= SATURATED or busy.get(f"cpu{REST_CORE}", 0) >= SATURATED,
                 "direct": direct,
@@ -291,12 +312,17 @@ def throughput(
             }
         )
         print(
-            f"  [{label}] c={c}: direct {direct['rps']:.0f} req/s, gateway {via['rps']:.0f} req/s "
+            f"  [{label}] {level_name(rows[-1])}: direct {direct['rps']:.0f} req/s, gateway {via['rps']:.0f} req/s "
             f"(p99 {via['p99_us'] / 1e3:.1f} ms, gateway core {via['gateway_cpu_pct']:.0f}% busy)",
             flush=True,
         )
     fleet.stop_some([gw])
     return rows
+
+
+def level_name(row: dict[str, Any]) -> str:
+    c = row["concurrency"]
+    return f"c={c}" if row["paced_rps"] is None else f"c={c} paced ~{row['paced_rps']}/s"
 
 
 def throughput_table(rows: list[dict[str, Any]]) -> str:
@@ -305,7 +331,7 @@ def throughput_table(rows: list[dict[str, Any]]) -> str:
         dr, gr = r["direct"], r["gateway"]
         table.append(
             [
-                f"{r['concurrency']}{'*' if r['saturated'] else ''}", round(dr["rps"]), dr["p50_us"] / 1e3,
+                f"{level_name(r)}{'*' if r['saturated'] else ''}", round(dr["rps"]), dr["p50_us"] / 1e3,
                 dr["p99_us"] / 1e3,
                 round(gr["rps"]), gr["p50_us"] / 1e3, gr["p99_us"] / 1e3, r["added_p50_ms"], r["added_p99_ms"],
                 gr["gateway_cpu_pct"], gr["gateway_cpu_ms_per_request"],
@@ -315,7 +341,7 @@ def throughput_table(rows: list[dict[str, Any]]) -> str:
         )  # fmt: skip
     return markdown_table(
         [
-            "conc", "direct req/s", "direct p50", "direct p99", "gw req/s", "gw p50", "gw p99", "added p50",
+            "load", "direct req/s", "direct p50", "direct p99", "gw req/s", "gw p50", "gw p99", "added p50",
             "added p99", "gw core %", "gw CPU ms/req", f"core{REST_CORE} % (gw run)", "wrk CPU %",
             "other procs CPU % (direct/gw)", "errors",
         ],
@@ -330,14 +356,14 @@ def verdict(rows: list[dict[str, Any]]) -> dict[str, Any]:
     below = [r for r in rows if not r["saturated"]]
     return {
         "gateway_max_rps": round(best["gateway"]["rps"], 1),
-        "at_concurrency": best["concurrency"],
+        "at": level_name(best),
         "direct_max_rps": round(max(r["direct"]["rps"] for r in rows), 1),
         "rps_goal_met": best["gateway"]["rps"] >= GOAL_RPS,
         "gateway_cpu_ms_per_request": cpu_ms,
         "one_core_ceiling_rps": round(1000 / cpu_ms) if cpu_ms else None,
         "lowest_level": rows[0]["concurrency"],
         "added_p99_ms_lowest_level": round(rows[0]["added_p99_ms"], 3),
-        "unsaturated_levels": [r["concurrency"] for r in below],
+        "unsaturated_levels": [level_name(r) for r in below],
         "added_p99_ms_below_saturation": round(max(r["added_p99_ms"] for r in below), 3) if below else None,
         "added_p99_goal_met": bool(below) and max(r["added_p99_ms"] for r in below) < GOAL_ADDED_P99_MS,
     }
@@ -357,6 +383,7 @@ def main() -> int:
     p.add_argument("--requests", type=int, help="sequential requests per path in (1) (default 2000)")
     p.add_argument("--emulators", type=int, help="zero-latency emulators behind the gateway in (2) (default 8)")
     p.add_argument("--levels", help="comma-separated concurrencies (default 2,4,8,16,32,64)")
+    p.add_argument("--paced", help="comma-separated offered rates (req/s) for paced runs (default 200,500,1000)")
     p.add_argument("--duration", type=float, help="seconds per level and path in (2) (default 10)")
     p.add_argument("--attempts", type=int, help="runs per measurement while other processes load the machine (3)")
     p.add_argument("--max-wait", type=float, help="seconds to wait for a quiet machine before a measurement (30)")
@@ -367,6 +394,7 @@ def main() -> int:
     emulators = args.emulators or (2 if args.quick else 8)
     levels = [int(x) for x in (args.levels or ("1,2,8" if args.quick else "2,4,8,16,32,64")).split(",")]
     duration = args.duration or (2.0 if args.quick else 10.0)
+    paced = [int(x) for x in (args.paced or ("300" if args.quick else "200,500,1000")).split(",") if x]
     quiet = (args.attempts or (1 if args.quick else 3), args.max_wait if args.max_wait is not None else 30.0)
     if args.quick and args.max_wait is None:
         quiet = (quiet[0], 0.0)
@@ -394,14 +422,14 @@ def main() -> int:
         print(f"(2) {emulators} emulators, levels {levels}, {duration:g}s each ...", flush=True)
         specs = [(f"e{i}", "rtx4090", 0.0) for i in range(emulators)]
         emus = fleet.emulators(specs, MODEL, core=REST_CORE, tag="tput")
-        rows = throughput(fleet, tmp, [e.url for e in emus], levels, duration, "emulators", quiet)
+        rows = throughput(fleet, tmp, [e.url for e in emus], levels, duration, "emulators", quiet, paced)
         max_concurrency = max(emulator_stats(e)["max_concurrency"] for e in emus)
         fleet.stop_some(emus)
         stub_rows: list[dict[str, Any]] = []
         if not args.skip_stub:
             print(f"(3) {emulators} nginx stub backends, levels {levels}, {duration:g}s each ...", flush=True)
             _, urls = fleet.nginx_stub(emulators, answers, core=REST_CORE)
-            stub_rows = throughput(fleet, tmp, urls, levels, duration, "stub", quiet)
+            stub_rows = throughput(fleet, tmp, urls, levels, duration, "stub", quiet, paced)
 
     d, g, a = lat["direct_ms"], lat["gateway_ms"], lat["added_ms"]
     idle_after = background_busy()
@@ -435,9 +463,9 @@ def main() -> int:
             continue
         print(
             f"goals [{label}]: >= {GOAL_RPS:g} req/s: {'yes' if v['rps_goal_met'] else 'NO'} "
-            f"(best {v['gateway_max_rps']:.0f} req/s at c={v['at_concurrency']}, direct {v['direct_max_rps']:.0f}; "
+            f"(best {v['gateway_max_rps']:.0f} req/s at {v['at']}, direct {v['direct_max_rps']:.0f}; "
             f"gateway CPU {v['gateway_cpu_ms_per_request']} ms/request = ~{v['one_core_ceiling_rps']} req/s per "
-            f"core); worst added p99 below saturation (c in {v['unsaturated_levels']}): "
+            f"core); worst added p99 below saturation ({', '.join(v['unsaturated_levels']) or 'none'}): "
             f"{v['added_p99_ms_below_saturation']} ms (< {GOAL_ADDED_P99_MS:g}: "
             f"{'yes' if v['added_p99_goal_met'] else 'NO'}); added p99 at c={v['lowest_level']}: "
             f"{v['added_p99_ms_lowest_level']:.2f} ms"
