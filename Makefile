@@ -76,6 +76,8 @@ test: deps venv tools lint unit integration ## everything CI runs
 bench: deps venv tools ## benchmarks (numbers for the closing notes; not run by `make test`)
 	$(PY) bench/sdinstances.py --count 200 --idle-seconds 60
 	$(PY) bench/batch_throughput.py --items 200 --speed 1.0
+	$(PY) bench/gateway_dispatch.py
+	$(PY) bench/gateway_overhead.py
 
 dist: crds tools ## render dist/install.yaml (CRDs, Namespace, the chart's defaults) for kubectl apply --server-side
 	@bash tools/dist.sh
