@@ -13,6 +13,7 @@ if ! $py tools/cluster/localcluster.py status | grep -q running; then
   $py tools/cluster/localcluster.py up
   started_here=true
 fi
+ln -sfn cluster/kubeconfig .local/kubeconfig  # the well-known path, also for a cluster started earlier
 cleanup() {
   trap - EXIT INT TERM
   if $started_here; then $py tools/cluster/localcluster.py down; fi
