@@ -68,8 +68,14 @@ def test_batch_becomes_a_job_that_succeeds(
     assert role.rules[0].resources == ["generationbatches/status"] and role.rules[0].resource_names == ["b1"]
     config = cluster.core.read_namespaced_config_map("b1-batch", namespace)
     assert '"priority": 5' in config.data["batch.json"]
-    events = cluster.core.list_namespaced_event(namespace, field_selector="involvedObject.name=b1").items
-    assert any(e.reason == "Completed" for e in events)
+    wait_for(  # kopf posts Events from a queue, a moment after the status
+        lambda: any(
+            e.reason == "Completed"
+            for e in cluster.core.list_namespaced_event(namespace, field_selector="involvedObject.name=b1").items
+        ),
+        timeout=30,
+        what="the event of b1",
+    )
 
 
 def test_instance_target_resolves_to_the_instances_model(
@@ -101,8 +107,14 @@ def test_items_that_failed_for_good_fail_the_batch_without_retries(
     assert {c["type"]: c["status"] for c in st["conditions"]}["Failed"] == "True"
     pods = cluster.core.list_namespaced_pod(namespace, label_selector="sd-operator.dev/batch=b3").items
     assert len(pods) == 1  # exit code 3: no new pod was tried
-    events = cluster.core.list_namespaced_event(namespace, field_selector="involvedObject.name=b3").items
-    assert any(e.type == "Warning" and e.reason == "Failed" for e in events)
+    wait_for(  # kopf posts Events from a queue, a moment after the status
+        lambda: any(
+            e.type == "Warning" and e.reason == "Failed"
+            for e in cluster.core.list_namespaced_event(namespace, field_selector="involvedObject.name=b3").items
+        ),
+        timeout=30,
+        what="the event of b3",
+    )
 
 
 def test_suspend_and_resume(

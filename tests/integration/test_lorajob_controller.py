@@ -184,8 +184,14 @@ def test_train_publish_rescan_and_evaluate(
     emulator_url = requests.get(f"{services.url}/v1/instances", timeout=5).json()[0]["url"]
     seen = requests.get(f"{emulator_url}/emulator/stats", timeout=5).json()["requests"]
     assert seen.get("POST /sdapi/v1/refresh-loras", 0) >= 1
-    events = cluster.core.list_namespaced_event(namespace, field_selector="involvedObject.name=style").items
-    assert any(e.reason == "TrainingDefaults" for e in events)
+    wait_for(  # kopf posts Events from a queue, a moment after the status
+        lambda: any(
+            e.reason == "TrainingDefaults"
+            for e in cluster.core.list_namespaced_event(namespace, field_selector="involvedObject.name=style").items
+        ),
+        timeout=30,
+        what="the event of style",
+    )
 
 
 def test_training_failure_ends_in_failed_with_the_trainers_line(

@@ -58,8 +58,15 @@ def test_sdinstance_becomes_ready_with_its_children(
     config = cluster.core.read_namespaced_config_map("xl-webui", namespace)
     assert "sd_xl_base_1.0.safetensors" in config.data["models.json"]
 
-    events = cluster.core.list_namespaced_event(namespace, field_selector="involvedObject.name=xl").items
-    assert any(e.reason == "Ready" and e.involved_object.kind == "SDInstance" for e in events)
+    # kopf posts Events from a queue, a moment after the status.
+    wait_for(
+        lambda: any(
+            e.reason == "Ready" and e.involved_object.kind == "SDInstance"
+            for e in cluster.core.list_namespaced_event(namespace, field_selector="involvedObject.name=xl").items
+        ),
+        timeout=30,
+        what="the Ready event",
+    )
     metrics = requests.get(operator.metrics_url, timeout=5).text
     assert 'controller_runtime_reconcile_total{controller="sdinstances.sd-operator.dev",result="success"}' in metrics
 
@@ -114,7 +121,8 @@ def test_model_change_rolls_out(
         return (
             len(live) == 1
             and "/models/Stable-diffusion/juggernautXL_v9.safetensors" in live[0].spec.containers[0].args
-            and all(c.ready for c in live[0].status.container_statuses or [{}])
+            and bool(live[0].status.container_statuses)
+            and all(c.ready for c in live[0].status.container_statuses)
         )
 
     wait_for(rolled, timeout=60, what="the new model's pod to replace the old one")
@@ -184,8 +192,14 @@ def test_model_fetch_failure_ends_in_failed_with_the_fetchers_line(
     conditions = {c["type"]: c for c in obj["status"]["conditions"]}
     assert conditions["ModelFetched"]["status"] == "False" and conditions["ModelFetched"]["message"] == line
     assert conditions["Ready"]["reason"] == "ModelFetchFailed"
-    events = cluster.core.list_namespaced_event(namespace, field_selector="involvedObject.name=bad").items
-    assert any(e.type == "Warning" and e.reason == "Failed" and e.message == line for e in events)
+    wait_for(
+        lambda: any(
+            e.type == "Warning" and e.reason == "Failed" and e.message == line
+            for e in cluster.core.list_namespaced_event(namespace, field_selector="involvedObject.name=bad").items
+        ),
+        timeout=30,
+        what="the Warning event with the fetcher's line",
+    )
 
 
 def test_user_labels_reach_children_but_gitops_tracking_labels_do_not(

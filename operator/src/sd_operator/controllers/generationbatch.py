@@ -19,6 +19,7 @@ from sd_operator import API_GROUP, API_VERSION, kube
 from sd_operator.api.generationbatch import GenerationBatchSpec, Phase
 from sd_operator.conditions import set_condition
 from sd_operator.metrics import instrumented
+from sd_operator.render.common import owner_object
 from sd_operator.render.generationbatch import (
     BATCH_LABEL,
     output_location,
@@ -66,11 +67,7 @@ def resolve_model(spec: GenerationBatchSpec, namespace: str) -> str:
 
 
 def _owner(namespace: str, name: str, uid: str, labels: dict[str, str] | None = None) -> dict[str, Any]:
-    return {
-        "apiVersion": f"{API_GROUP}/{API_VERSION}",
-        "kind": KIND,
-        "metadata": {"name": name, "namespace": namespace, "uid": uid, "labels": labels or {}},
-    }
+    return owner_object(KIND, namespace, name, uid, labels)
 
 
 def apply_children(owner: dict[str, Any], raw_spec: dict[str, Any], spec: GenerationBatchSpec, model: str) -> None:

@@ -20,6 +20,7 @@ from sd_operator.api.models import ModelFile
 from sd_operator.api.sdinstance import SDInstanceSpec
 from sd_operator.conditions import now, set_condition
 from sd_operator.metrics import instrumented
+from sd_operator.render.common import owner_object
 from sd_operator.render.lorajob import (
     LORAJOB_LABEL,
     STEP_LABEL,
@@ -53,11 +54,7 @@ def _settings() -> RenderSettings:
 
 
 def _owner(namespace: str, name: str, uid: str, labels: dict[str, str] | None = None) -> dict[str, Any]:
-    return {
-        "apiVersion": f"{API_GROUP}/{API_VERSION}",
-        "kind": KIND,
-        "metadata": {"name": name, "namespace": namespace, "uid": uid, "labels": labels or {}},
-    }
+    return owner_object(KIND, namespace, name, uid, labels)
 
 
 def _instance(namespace: str, name: str) -> SDInstanceSpec:

@@ -19,7 +19,7 @@ from sd_operator import API_GROUP, API_VERSION, kube
 from sd_operator.api.sdinstance import Phase, SDInstanceSpec
 from sd_operator.controllers.sdinstance_status import derive_status, pod_view
 from sd_operator.metrics import instrumented
-from sd_operator.render.common import INSTANCE_LABEL
+from sd_operator.render.common import INSTANCE_LABEL, owner_object
 from sd_operator.render.sdinstance import RenderSettings, render_all
 from sd_operator.settings import operator_settings
 
@@ -53,16 +53,8 @@ def render_settings() -> RenderSettings:
 
 
 def _owner(body: kopf.Body) -> dict[str, Any]:
-    return {
-        "apiVersion": f"{API_GROUP}/{API_VERSION}",
-        "kind": KIND,
-        "metadata": {
-            "name": body.meta["name"],
-            "namespace": body.meta["namespace"],
-            "uid": body.meta["uid"],
-            "labels": dict(body.meta.get("labels") or {}),
-        },
-    }
+    meta = body.meta
+    return owner_object(KIND, meta["namespace"], meta["name"], meta["uid"], dict(meta.get("labels") or {}))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -21,6 +21,17 @@ MODEL_ANNOTATION = f"{API_GROUP}/model-name"
 TRACKING_PREFIXES = ("app.kubernetes.io/instance", "argocd.argoproj.io/", "kopf.zalando.org/", "kubectl.kubernetes.io/")
 
 
+def owner_object(
+    kind: str, namespace: str, name: str, uid: str, labels: dict[str, str] | None = None
+) -> dict[str, Any]:
+    """The parts of a custom resource its children's renderers need: identity, and labels to pass on."""
+    return {
+        "apiVersion": f"{API_GROUP}/{API_VERSION}",
+        "kind": kind,
+        "metadata": {"name": name, "namespace": namespace, "uid": uid, "labels": dict(labels or {})},
+    }
+
+
 def owner_reference(owner: dict[str, Any]) -> dict[str, Any]:
     """A controller owner reference, so deleting the owner deletes the child (garbage collector)."""
     return {
