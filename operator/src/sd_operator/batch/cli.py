@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import json
 import logging
 import os
@@ -28,9 +27,9 @@ from sd_operator.batch.items import ItemsError, ItemSource
 from sd_operator.batch.output import LocalStore, S3Store, Store
 from sd_operator.batch.report import FileReporter, KubeReporter, NoReporter, Reporter
 from sd_operator.batch.runner import EXIT_CRASH, EXIT_SOME_FAILED, BatchError, Runner, Settings
+from sd_operator.termination import write_termination_message
 
 log = logging.getLogger("sd_operator.batch")
-DEFAULT_TERMINATION_LOG = "/dev/termination-log"
 THREADS = 32  # image encoding and file or S3 writes run in threads, off the event loop
 
 
@@ -114,13 +113,7 @@ def build(args: argparse.Namespace) -> Runner:
 
 
 def termination_log(line: str) -> None:
-    """The pod's termination message; the default path only exists in a pod, so it is never created here."""
-    path = os.environ.get("SD_TERMINATION_LOG")
-    if path is None and os.path.exists(DEFAULT_TERMINATION_LOG):
-        path = DEFAULT_TERMINATION_LOG
-    if path:
-        with contextlib.suppress(OSError):  # not in a pod, or a read-only root: the log line still says it
-            Path(path).write_text(line + "\n", encoding="utf-8")
+    write_termination_message(line)
 
 
 def _fail(message: str) -> int:

@@ -23,11 +23,11 @@ from typing import Literal
 from sd_operator.fetch.manifest import FetchError, FileSpec, Manifest, load_manifest
 from sd_operator.fetch.safetensors_check import check_safetensors
 from sd_operator.fetch.sources import CHUNK, Options, PartialFile, Progress, human, safe_url, strip_queries, transfer
+from sd_operator.termination import write_termination_message
 
 __all__ = ["FetchError", "FetchResult", "Options", "add_parser", "fetch_all", "fetch_file", "main"]
 
 Log = Callable[[str], None]
-TERMINATION_LOG = "/dev/termination-log"
 
 
 def log_stderr(line: str) -> None:
@@ -222,12 +222,6 @@ def fetch_all(
         except Exception as e:  # a bug or an unforeseen library error: still one line, still scrubbed
             raise FetchError(_scrub(f"fetch of {spec.name} failed: {type(e).__name__}: {e}", secrets)) from None
     return results
-
-
-def write_termination_message(line: str, env: Mapping[str, str]) -> None:
-    """Kubernetes shows this file's content as the container's termination message (kept under its 4 KiB cap)."""
-    with contextlib.suppress(OSError):  # not in a pod, or not writable: stderr has the line anyway
-        Path(env.get("SD_TERMINATION_LOG", TERMINATION_LOG)).write_text(line[:4000] + "\n")
 
 
 def command(args: argparse.Namespace) -> int:

@@ -7,11 +7,12 @@ when it is complete and its checksum matches.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import hashlib
 import os
 import sys
 from pathlib import Path
+
+from sd_operator.termination import write_termination_message
 
 CHUNK = 4 * 1024 * 1024
 
@@ -41,8 +42,7 @@ def command(args: argparse.Namespace) -> int:
     except (OSError, ValueError) as e:
         line = f"publish of {Path(args.source).name} failed: {e}"
         print(line, file=sys.stderr)
-        with contextlib.suppress(OSError):  # only inside a pod is there a termination log
-            Path(os.environ.get("SD_TERMINATION_LOG", "/dev/termination-log")).write_text(line + "\n")
+        write_termination_message(line)
         return 1
     print(f"published {args.dest} sha256={got}")
     return 0

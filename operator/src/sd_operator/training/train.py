@@ -34,12 +34,12 @@ from pydantic import ValidationError
 
 from sd_operator import API_GROUP, API_VERSION
 from sd_operator.api.lorajob import Artifact, LoRAJobSpec
+from sd_operator.termination import write_termination_message
 from sd_operator.training.args import EffectiveTraining, effective_training, sd_scripts_command, training_script
 from sd_operator.training.dataset import LintReport, dataset_toml, lint
 from sd_operator.training.progress import Progress, ProgressParser
 
 REPORT_INTERVAL_SECONDS = 10.0
-TERMINATION_LOG = "/dev/termination-log"
 MAX_PROBLEMS_SHOWN = 3
 # Files a run writes get mtimes at or after its start; the slack covers coarse filesystem timestamps.
 MTIME_SLACK_SECONDS = 2.0
@@ -411,8 +411,7 @@ def _fail(code: int, message: str) -> int:
     """One clear last line, on stdout and in the termination log (what `kubectl describe` and the
     controller show)."""
     _say(message)
-    with contextlib.suppress(OSError):
-        Path(os.environ.get("SD_TERMINATION_LOG", TERMINATION_LOG)).write_text(message + "\n", encoding="utf-8")
+    write_termination_message(message)
     return code
 
 
