@@ -7,7 +7,6 @@ this batch's status); the controller owns phase, conditions, start and completio
 from __future__ import annotations
 
 import logging
-import threading
 from typing import Any
 
 import kopf
@@ -18,6 +17,7 @@ from pydantic import ValidationError
 from sd_operator import API_GROUP, API_VERSION, kube
 from sd_operator.api.generationbatch import GenerationBatchSpec, Phase
 from sd_operator.conditions import set_condition
+from sd_operator.controllers.statusmemo import StatusMemo
 from sd_operator.metrics import instrumented
 from sd_operator.render.common import owner_object
 from sd_operator.render.generationbatch import (
@@ -39,8 +39,7 @@ EVENTS = {
     Phase.FAILED.value: ("Warning", "Failed"),
     Phase.SUSPENDED.value: ("Normal", "Suspended"),
 }
-_written: dict[tuple[str, str], dict[str, Any]] = {}
-_lock = threading.Lock()
+_memo = StatusMemo()
 
 
 def parse_spec(spec: Any) -> GenerationBatchSpec:
@@ -95,9 +94,7 @@ def generationbatches_by_name(namespace: str, name: str, body: kopf.Body, meta: 
 @kopf.on.create(API_GROUP, API_VERSION, PLURAL)
 @kopf.on.update(API_GROUP, API_VERSION, PLURAL, field="spec")
 @instrumented(CONTROLLER)
-def reconcile(
-    body: kopf.Body, spec: kopf.Spec, name: str, namespace: str, patch: kopf.Patch, logger: logging.Logger, **_: Any
-) -> None:
+def reconcile(body: kopf.Body, spec: kopf.Spec, name: str, namespace: str, logger: logging.Logger, **_: Any) -> None:
     parsed = parse_spec(spec)
     status = dict(body.status)
     if status.get("phase") in (Phase.SUCCEEDED.value, Phase.FAILED.value):
@@ -106,12 +103,21 @@ def reconcile(
     owner = _owner(namespace, name, body.meta["uid"], dict(body.meta.get("labels") or {}))
     apply_children(owner, dict(spec), parsed, model)
     logger.info("applied GenerationBatch job for model %s", model)
-    patch.status["model"] = model
-    patch.status["outputLocation"] = output_location(parsed, namespace)
-    patch.status["observedGeneration"] = body.meta.get("generation")
-    if not status.get("phase"):
-        patch.status["phase"] = Phase.SUSPENDED.value if parsed.suspend else Phase.PENDING.value
-        patch.status["message"] = "suspended" if parsed.suspend else "waiting for the runner to start"
+    # Written now rather than through kopf's `patch` (sent after the handler returns), so a newer
+    # phase written meanwhile from the Job's events is not overwritten by this older view.
+    key = (namespace, name)
+    with _memo.lock(key):
+        current = {**status, **_memo.last(key)}
+        update: dict[str, Any] = {
+            "model": model,
+            "outputLocation": output_location(parsed, namespace),
+            "observedGeneration": body.meta.get("generation"),
+        }
+        if not current.get("phase"):
+            update["phase"] = Phase.SUSPENDED.value if parsed.suspend else Phase.PENDING.value
+            update["message"] = "suspended" if parsed.suspend else "waiting for the runner to start"
+        kube.patch_status(f"{API_GROUP}/{API_VERSION}", KIND, namespace, name, update)
+        _memo.remember(key, {**current, **update})
 
 
 def derive_status(job: dict[str, Any], previous: dict[str, Any], generation: int | None) -> dict[str, Any]:
@@ -175,14 +181,15 @@ def job_changed(
             owner = _owner(namespace, name, batch["uid"], batch["labels"])
             apply_children(owner, batch["spec"], parsed, resolve_model(parsed, namespace))
         return
-    with _lock:
-        previous = _written.get(key) or batch["status"]
-    status = derive_status(job, previous, None)
-    if all(previous.get(k) == v for k, v in status.items() if k != "conditions") and _same_conditions(previous, status):
-        return
-    kube.patch_status(f"{API_GROUP}/{API_VERSION}", KIND, namespace, name, status)
-    with _lock:
-        _written[key] = {**previous, **status}
+    with _memo.lock(key):
+        previous = _memo.last(key) or batch["status"]
+        status = derive_status(job, previous, None)
+        if all(previous.get(k) == v for k, v in status.items() if k != "conditions") and _same_conditions(
+            previous, status
+        ):
+            return
+        kube.patch_status(f"{API_GROUP}/{API_VERSION}", KIND, namespace, name, status)
+        _memo.remember(key, {**previous, **status})
     if status["phase"] != previous.get("phase") and status["phase"] in EVENTS:
         kind, reason = EVENTS[status["phase"]]
         kopf.event(_owner(namespace, name, batch["uid"]), type=kind, reason=reason, message=status["message"])
@@ -198,5 +205,4 @@ def _same_conditions(a: dict[str, Any], b: dict[str, Any]) -> bool:
 
 @kopf.on.delete(API_GROUP, API_VERSION, PLURAL, optional=True)
 def forget(namespace: str, name: str, **_: Any) -> None:
-    with _lock:
-        _written.pop((namespace, name), None)
+    _memo.forget((namespace, name))

@@ -5,7 +5,6 @@ whenever one of the LoRAJob's children changes (indexes, no polling)."""
 from __future__ import annotations
 
 import logging
-import threading
 from typing import Any
 
 import kopf
@@ -19,6 +18,7 @@ from sd_operator.api.lorajob import LoRAJobSpec, Phase
 from sd_operator.api.models import ModelFile
 from sd_operator.api.sdinstance import SDInstanceSpec
 from sd_operator.conditions import now, set_condition
+from sd_operator.controllers.statusmemo import StatusMemo
 from sd_operator.metrics import instrumented
 from sd_operator.render.common import owner_object
 from sd_operator.render.lorajob import (
@@ -38,14 +38,7 @@ from sd_operator.settings import operator_settings
 log = logging.getLogger("sd_operator.lorajob")
 PLURAL, KIND = "lorajobs", "LoRAJob"
 CONTROLLER = f"{PLURAL}.{API_GROUP}"
-_lock = threading.Lock()
-_written: dict[tuple[str, str], dict[str, Any]] = {}
-_step_locks: dict[tuple[str, str], threading.Lock] = {}
-
-
-def _step_lock(key: tuple[str, str]) -> threading.Lock:
-    with _lock:
-        return _step_locks.setdefault(key, threading.Lock())
+_memo = StatusMemo()
 
 
 def _settings() -> RenderSettings:
@@ -204,11 +197,20 @@ def reconcile(
     gen = body.meta.get("generation")
     for note in training_notes(parsed):
         kopf.event(body, type="Warning" if "overfit" in note else "Normal", reason="TrainingDefaults", message=note)
-    patch.status["conditions"] = spec_conditions(parsed, list(status.get("conditions") or []), gen)
-    patch.status["observedGeneration"] = gen
-    if not status.get("phase"):
-        patch.status["phase"] = Phase.SUSPENDED.value if parsed.suspend else Phase.PENDING.value
-        patch.status["message"] = "suspended" if parsed.suspend else "waiting for the training pod"
+    # Written now rather than through kopf's `patch` (sent after the handler returns), so a newer
+    # status written meanwhile from the children's events is not overwritten by this older view.
+    key = (namespace, name)
+    with _memo.lock(key):
+        current = {**status, **_memo.last(key)}
+        update: dict[str, Any] = {
+            "conditions": spec_conditions(parsed, list(current.get("conditions") or []), gen),
+            "observedGeneration": gen,
+        }
+        if not current.get("phase"):
+            update["phase"] = Phase.SUSPENDED.value if parsed.suspend else Phase.PENDING.value
+            update["message"] = "suspended" if parsed.suspend else "waiting for the training pod"
+        kube.patch_status(f"{API_GROUP}/{API_VERSION}", KIND, namespace, name, update)
+        _memo.remember(key, update)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -230,7 +232,7 @@ def child_changed(
     key = (namespace, labels[LORAJOB_LABEL])
     # Events of the Jobs, pods and batch of one LoRAJob arrive in parallel threads: one at a time derives
     # the next step, from the indexes as they are then.
-    with _step_lock(key):
+    with _memo.lock(key):
         if key not in lorajobs_by_name:
             return
         (lj,) = lorajobs_by_name[key]
@@ -254,8 +256,7 @@ def advance(
 ) -> None:
     namespace, name = key
     spec = LoRAJobSpec.model_validate(lj["spec"])
-    with _lock:
-        previous = {**lj["status"], **_written.get(key, {})}
+    previous = {**lj["status"], **_memo.last(key)}
     status: dict[str, Any] = {}
     gen = lj["generation"]
     conditions = spec_conditions(spec, list(previous.get("conditions") or []), gen)
@@ -302,8 +303,7 @@ def advance(
     if not changed:
         return
     kube.patch_status(f"{API_GROUP}/{API_VERSION}", KIND, namespace, name, changed)
-    with _lock:
-        _written[key] = {**_written.get(key, {}), **changed}
+    _memo.remember(key, changed)
     if phase != previous.get("phase"):
         kind = "Warning" if phase == Phase.FAILED.value else "Normal"
         kopf.event(owner, type=kind, reason=phase, message=message)
@@ -382,9 +382,7 @@ def refresh_loras(model: str) -> None:
 
 @kopf.on.delete(API_GROUP, API_VERSION, PLURAL, optional=True)
 def forget(namespace: str, name: str, **_: Any) -> None:
-    with _lock:
-        _written.pop((namespace, name), None)
-        _step_locks.pop((namespace, name), None)
+    _memo.forget((namespace, name))
 
 
 __all__ = ["publish_name", "reconcile"]

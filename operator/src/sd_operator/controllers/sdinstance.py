@@ -8,7 +8,6 @@ instance's status and patches it only when it differs from what was last written
 from __future__ import annotations
 
 import logging
-import threading
 from collections.abc import Callable
 from typing import Any
 
@@ -18,6 +17,7 @@ from pydantic import ValidationError
 from sd_operator import API_GROUP, API_VERSION, kube
 from sd_operator.api.sdinstance import Phase, SDInstanceSpec
 from sd_operator.controllers.sdinstance_status import derive_status, pod_view
+from sd_operator.controllers.statusmemo import StatusMemo
 from sd_operator.metrics import instrumented
 from sd_operator.render.common import INSTANCE_LABEL, owner_object
 from sd_operator.render.sdinstance import RenderSettings, render_all
@@ -28,15 +28,7 @@ KIND = "SDInstance"
 CONTROLLER = f"{PLURAL}.{API_GROUP}"
 WARNING_PHASES = {Phase.FAILED.value, Phase.DEGRADED.value}
 
-# The last status this process wrote per instance: skips patches that would change nothing.
-_written: dict[tuple[str, str], dict[str, Any]] = {}
-_written_lock = threading.Lock()
-_instance_locks: dict[tuple[str, str], threading.Lock] = {}
-
-
-def _instance_lock(key: tuple[str, str]) -> threading.Lock:
-    with _written_lock:
-        return _instance_locks.setdefault(key, threading.Lock())
+_memo = StatusMemo()
 
 
 def parse_spec(spec: Any) -> SDInstanceSpec:
@@ -92,7 +84,6 @@ def reconcile(
     name: str,
     namespace: str,
     logger: logging.Logger,
-    patch: kopf.Patch,
     instance_pods: kopf.Index,
     **_: Any,
 ) -> None:
@@ -100,9 +91,11 @@ def reconcile(
     for child in render_all(_owner(body), parsed, render_settings()):
         kube.apply(child)
     logger.info("applied %s children for model %s", KIND, parsed.model.checkpoint.name)
-    # The status goes out with kopf's own patch of this object (one request, and no event in
-    # between that lacks kopf's bookkeeping annotation and would make it run this handler again).
-    refresh_status(namespace, name, parsed, body, lambda: list(instance_pods.get((namespace, name), [])), patch=patch)
+    # Written now, under the instance's lock, not through kopf's `patch`: kopf sends that after the
+    # handler returns, and a newer status written meanwhile by a pod event would be overwritten by
+    # this older view. kopf runs this handler again only once its own patched version arrives
+    # (settings.persistence.consistency_timeout), so the status event in between does not re-trigger it.
+    refresh_status(namespace, name, parsed, body, lambda: list(instance_pods.get((namespace, name), [])))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -136,10 +129,9 @@ def refresh_status(
     body: kopf.Body | None,
     pods: Callable[[], list[dict[str, Any]]],
     indexed: dict[str, Any] | None = None,
-    patch: kopf.Patch | None = None,
 ) -> None:
-    """Derives the status and writes it if it changed (into `patch` when given, else with a PATCH of
-    the status subresource); posts an Event when the phase changes."""
+    """Derives the status and writes it (PATCH of the status subresource) if it changed; posts an
+    Event when the phase changes."""
     if body is not None:
         previous, generation = dict(body.status), body.meta.get("generation")
         uid = body.meta.get("uid")
@@ -149,18 +141,13 @@ def refresh_status(
     key = (namespace, name)
     # Handlers of different pods run in parallel threads: one instance's status is derived and written
     # by one of them at a time, from the index as it is then, so an older view never overwrites a newer.
-    with _instance_lock(key):
-        with _written_lock:
-            last = _written.get(key) or previous
+    with _memo.lock(key):
+        last = _memo.last(key) or previous
         status = derive_status(name, namespace, spec, pods(), last, generation)
         if _same(status, last):
             return
-        if patch is not None:
-            patch.status.update(status)
-        else:
-            kube.patch_status(f"{API_GROUP}/{API_VERSION}", KIND, namespace, name, status)
-        with _written_lock:
-            _written[key] = status
+        kube.patch_status(f"{API_GROUP}/{API_VERSION}", KIND, namespace, name, status)
+        _memo.remember(key, status)
     if status["phase"] != last.get("phase"):
         ref = {
             "apiVersion": f"{API_GROUP}/{API_VERSION}",
@@ -185,6 +172,4 @@ def _same(a: dict[str, Any], b: dict[str, Any]) -> bool:
 @kopf.on.delete(API_GROUP, API_VERSION, PLURAL, optional=True)
 def forget(namespace: str, name: str, **_: Any) -> None:
     """Children go with the owner (garbage collector); only the local cache needs cleaning."""
-    with _written_lock:
-        _written.pop((namespace, name), None)
-        _instance_locks.pop((namespace, name), None)
+    _memo.forget((namespace, name))
