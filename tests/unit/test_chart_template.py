@@ -27,7 +27,7 @@ from sd_operator.render import generationbatch as gb
 from sd_operator.render import lorajob as lj
 from sd_operator.render.common import WEBUI_CLIENT_LABEL
 from sd_operator.render.sdinstance import RenderSettings, render_all
-from sd_operator.settings import DEFAULT_OPERATOR_IMAGE
+from sd_operator.settings import DEFAULT_OPERATOR_IMAGE, parse_hf_endpoint
 
 ROOT = Path(__file__).resolve().parents[2]
 HELM = ROOT / ".local/bin/helm"
@@ -328,6 +328,17 @@ def test_operator_options() -> None:
     assert not any(a.startswith("--peering") for a in standalone["args"])
 
 
+def test_hugging_face_endpoint_is_set_only_when_given() -> None:
+    assert "SD_HF_ENDPOINT" not in env_of(container(find(render(), "Deployment", OPERATOR)))
+    mirror = "https://hf-mirror.internal/hf"
+    env = env_of(container(find(render("--set", f"huggingFace.endpoint={mirror}"), "Deployment", OPERATOR)))
+    assert env["SD_HF_ENDPOINT"] == mirror
+    assert parse_hf_endpoint(env["SD_HF_ENDPOINT"]) == mirror  # what the operator accepts
+    # The schema refuses what the operator would refuse, and typos of the key.
+    assert "/huggingFace/endpoint" in render_fails("--set", "huggingFace.endpoint=hf-mirror.internal")
+    assert "endpiont" in render_fails("--set", f"huggingFace.endpiont={mirror}")
+
+
 def test_gateway_deployment_service_and_pdb() -> None:
     objs = render()
     dep = find(objs, "Deployment", GATEWAY)
@@ -432,7 +443,7 @@ def _children() -> list[dict[str, Any]]:
         elif doc["kind"] == "LoRAJob":
             spec = LoRAJobSpec.model_validate(doc["spec"])
             base = SDInstanceSpec.model_validate(docs["sdinstance-sdxl-base"]["spec"]).model.checkpoint
-            out += [lj.render_configmap(owner(doc), doc["spec"], base), *lj.render_rbac(owner(doc))]
+            out += [lj.render_configmap(owner(doc), doc["spec"], base, settings), *lj.render_rbac(owner(doc))]
             out.append(lj.render_train_job(owner(doc), spec, base, settings))
             out.append(lj.render_publish_job(owner(doc), spec, "sdxl-base", "models", "sdxl", None, settings))
             out.append(lj.render_evaluation(owner(doc), spec, "sdxl-base"))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 from sd_operator.api.generationbatch import GenerationBatchSpec
@@ -135,3 +136,25 @@ def test_training_job_lints_fetches_and_trains_on_a_gpu() -> None:
     sweep = evaluation["spec"]["sweep"]
     assert sweep["prompts"] == ["mystyle, a cat", "mystyle, a dog"] and sweep["loraWeights"] == [0.6, 0.8, 1.0]
     assert evaluation["spec"]["output"]["pvc"] == {"claimName": "out", "path": "loras/evaluation"}
+
+
+def test_a_hugging_face_base_model_is_fetched_from_the_operators_mirror() -> None:
+    spec = LoRAJobSpec.model_validate(
+        {
+            "baseModel": {"family": "sd15", "fromInstance": {"name": "base"}},
+            "dataset": {"source": {"pvc": {"claimName": "data"}}, "triggerWord": "tw"},
+            "output": {"name": "tw", "destination": {"pvc": {"claimName": "out"}}},
+        }
+    )
+    hf = {"repo": "org/sd15", "file": "v1-5.safetensors", "tokenSecret": {"name": "hf", "key": "token"}}
+    model = ModelFile.model_validate({"name": "v1-5.safetensors", "source": {"huggingFace": hf}})
+    owner = {**OWNER, "kind": "LoRAJob"}
+    mirrored = RenderSettings(operator_image="op:1", hf_endpoint="https://mirror.internal")
+    configmap = lj.render_configmap(owner, spec.to_api(), model, mirrored)
+    (entry,) = json.loads(configmap["data"]["models.json"])["files"]
+    assert entry["url"] == "https://mirror.internal/org/sd15/resolve/main/v1-5.safetensors"
+    assert entry["headers"]["Authorization"]["env"] == "SD_SECRET_0"
+    fetch = lj.render_train_job(owner, spec, model, mirrored)["spec"]["template"]["spec"]["initContainers"][1]
+    assert fetch["env"][0]["name"] == "SD_SECRET_0"  # the token the manifest names reaches the fetcher
+    (default,) = json.loads(lj.render_configmap(owner, spec.to_api(), model, SETTINGS)["data"]["models.json"])["files"]
+    assert default["url"] == "https://huggingface.co/org/sd15/resolve/main/v1-5.safetensors"

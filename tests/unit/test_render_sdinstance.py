@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import json
 import re
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +14,7 @@ import yaml
 
 from sd_operator.api.models import ModelFamily
 from sd_operator.api.sdinstance import Attention, SDInstanceSpec, VRAMMode
+from sd_operator.controllers.sdinstance import render_settings
 from sd_operator.fetch.manifest import parse_manifest
 from sd_operator.render.common import label_value
 from sd_operator.render.sdinstance import (
@@ -32,6 +34,7 @@ from sd_operator.render.sdinstance import (
     webui_args,
     webui_settings,
 )
+from sd_operator.settings import SettingsError, operator_settings, parse_hf_endpoint
 
 ROOT = Path(__file__).resolve().parents[2]
 EXAMPLES = sorted((ROOT / "examples").glob("sdinstance-*.yaml"))
@@ -104,7 +107,7 @@ def after(args: list[str], flag: str) -> str:
 
 
 def manifest_files(spec: SDInstanceSpec) -> list[dict[str, Any]]:
-    return json.loads(render_configmap(make_owner(), spec)["data"]["models.json"])["files"]
+    return json.loads(render_configmap(make_owner(), spec, SETTINGS)["data"]["models.json"])["files"]
 
 
 def config_hash(spec: SDInstanceSpec) -> str:
@@ -444,7 +447,7 @@ def test_fetch_init_container_runs_the_operator_image() -> None:
     config_mount = next(m for m in fetcher["volumeMounts"] if m["name"] == "config")
     assert manifest_path == f"{config_mount['mountPath']}/models.json"
     assert volume(pod, "config") == {"name": "config", "configMap": {"name": "demo-webui"}}
-    assert "models.json" in render_configmap(make_owner(), make_spec())["data"]
+    assert "models.json" in render_configmap(make_owner(), make_spec(), SETTINGS)["data"]
 
 
 def test_image_settings() -> None:
@@ -512,7 +515,7 @@ def test_secrets_become_secret_key_ref_env_vars_named_by_the_manifest() -> None:
     assert refs[s3["accessKeyEnv"]] == {"name": "s3-creds", "key": "AWS_ACCESS_KEY_ID"}
     assert refs[s3["secretKeyEnv"]] == {"name": "s3-creds", "key": "AWS_SECRET_ACCESS_KEY"}
     # Every env var the manifest names is provided; the readable ConfigMap names no Secret.
-    manifest_text = render_configmap(make_owner(), spec)["data"]["models.json"]
+    manifest_text = render_configmap(make_owner(), spec, SETTINGS)["data"]["models.json"]
     assert set(parse_manifest(manifest_text).secret_envs()) == set(refs)
     for secret in ("hf-token", "http-auth", "s3-creds"):
         assert secret not in manifest_text
@@ -522,7 +525,7 @@ def test_secrets_become_secret_key_ref_env_vars_named_by_the_manifest() -> None:
 
 def test_fetch_manifest_returns_the_same_env_as_the_deployment() -> None:
     spec = secrets_spec()
-    _, env = fetch_manifest(spec)
+    _, env = fetch_manifest(spec, SETTINGS)
     assert env == container(spec, "fetch-model")["env"]
 
 
@@ -673,6 +676,75 @@ def test_hugging_face_custom_endpoint_revision_and_quoted_path() -> None:
     assert re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", entry["headers"]["Authorization"]["env"])
 
 
+MIRROR = "http://models.mirror.internal:8080/hf"
+
+
+def test_hugging_face_sources_without_an_endpoint_use_the_operators_mirror() -> None:
+    spec = make_spec(checkpoint=hf("ckpt.safetensors"), vae=hf("vae.safetensors"), loras=[hf("l.safetensors")])
+    mirrored = RenderSettings(hf_endpoint=MIRROR)
+    manifest, _ = fetch_manifest(spec, mirrored)
+    urls = [f["url"] for f in manifest["files"]]
+    assert urls == [
+        f"{MIRROR}/owner/repo/resolve/main/{n}" for n in ("ckpt.safetensors", "vae.safetensors", "l.safetensors")
+    ]
+    # The ConfigMap the fetcher reads and the Deployment's config hash follow the same setting.
+    data = render_configmap(make_owner(), spec, mirrored)["data"]["models.json"]
+    assert [f.url for f in parse_manifest(data).files] == urls
+    hashes = {
+        render_deployment(make_owner(), spec, s)["spec"]["template"]["metadata"]["annotations"][CONFIG_HASH_ANNOTATION]
+        for s in (SETTINGS, mirrored)
+    }
+    assert len(hashes) == 2  # a new mirror rolls the pods, so their init container fetches from it
+
+
+def test_a_sources_own_endpoint_wins_over_the_operators_mirror() -> None:
+    own = hf("ckpt.safetensors")
+    own["source"]["huggingFace"]["endpoint"] = "https://hf-mirror.example.com/"
+    manifest, _ = fetch_manifest(
+        make_spec(checkpoint=own, vae=hf("vae.safetensors")), RenderSettings(hf_endpoint=MIRROR)
+    )
+    assert [f["url"] for f in manifest["files"]] == [
+        "https://hf-mirror.example.com/owner/repo/resolve/main/ckpt.safetensors",
+        f"{MIRROR}/owner/repo/resolve/main/vae.safetensors",
+    ]
+    http = {"name": "x.safetensors", "source": {"http": {"url": "https://h.example/x.safetensors"}}}
+    manifest, _ = fetch_manifest(make_spec(checkpoint=http), RenderSettings(hf_endpoint=MIRROR))
+    assert manifest["files"][0]["url"] == "https://h.example/x.safetensors"  # only huggingFace sources move
+
+
+@pytest.fixture
+def fresh_settings() -> Iterator[None]:
+    operator_settings.cache_clear()
+    yield
+    operator_settings.cache_clear()
+
+
+@pytest.mark.usefixtures("fresh_settings")
+def test_sd_hf_endpoint_reaches_the_controllers_render_settings(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("SD_HF_ENDPOINT", raising=False)
+    assert operator_settings().hf_endpoint == "https://huggingface.co"
+    assert render_settings().hf_endpoint == RenderSettings().hf_endpoint == "https://huggingface.co"
+    operator_settings.cache_clear()
+    monkeypatch.setenv("SD_HF_ENDPOINT", MIRROR + "/")
+    assert operator_settings().hf_endpoint == MIRROR  # the trailing slash goes
+    (entry,) = fetch_manifest(make_spec(checkpoint=hf("ckpt.safetensors")), render_settings())[0]["files"]
+    assert entry["url"] == f"{MIRROR}/owner/repo/resolve/main/ckpt.safetensors"
+
+
+@pytest.mark.parametrize("value", ["", "  "])
+def test_an_empty_sd_hf_endpoint_means_hugging_face(value: str) -> None:
+    assert parse_hf_endpoint(value) == parse_hf_endpoint(None) == "https://huggingface.co"
+
+
+@pytest.mark.usefixtures("fresh_settings")
+@pytest.mark.parametrize("value", ["huggingface.co", "ftp://mirror/hf", "https://", "https://mirror example/hf"])
+def test_a_bad_sd_hf_endpoint_is_refused_naming_the_variable(value: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SD_HF_ENDPOINT", value)
+    with pytest.raises(SettingsError) as err:
+        operator_settings()
+    assert str(err.value) == f"SD_HF_ENDPOINT must be an http:// or https:// URL, got {value!r}"
+
+
 def test_sha256_lowercased_and_pickle_permission_carried() -> None:
     spec = make_spec(
         checkpoint=hf("ckpt.ckpt", sha256=SHA, allowUnsafePickle=True),
@@ -683,7 +755,7 @@ def test_sha256_lowercased_and_pickle_permission_carried() -> None:
     assert files["ckpt.ckpt"]["allowUnsafePickle"] is True
     assert files["vae.safetensors"]["sha256"] is None
     assert files["vae.safetensors"]["allowUnsafePickle"] is False
-    parsed = parse_manifest(render_configmap(make_owner(), spec)["data"]["models.json"])
+    parsed = parse_manifest(render_configmap(make_owner(), spec, SETTINGS)["data"]["models.json"])
     assert parsed.files[0].allow_unsafe_pickle is True
     assert parsed.files[0].sha256 == SHA.lower()
 
@@ -765,7 +837,7 @@ def test_webui_settings_keep_one_checkpoint() -> None:
     assert settings["sd_checkpoints_limit"] == 1
     assert settings["sd_vae"] == "v.safetensors"
     assert webui_settings(make_spec())["sd_vae"] == "Automatic"
-    data = render_configmap(make_owner(), make_spec(checkpoint=hf("ckpt.safetensors")))["data"]
+    data = render_configmap(make_owner(), make_spec(checkpoint=hf("ckpt.safetensors")), SETTINGS)["data"]
     assert json.loads(data["webui-config.json"])["sd_model_checkpoint"] == "ckpt.safetensors"
 
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import ipaddress
 import json
 import os
 import shutil
@@ -42,6 +43,18 @@ KWOK_STAGES = HERE / "kwok-stages.yaml"
 
 # The order matters: each component needs the ones before it.
 COMPONENTS = ("etcd", "kube-apiserver", "kube-controller-manager", "kube-scheduler", "kwok")
+# With --runner: pods on the fleet's nodes run as local processes (podrunner.py), and a stand-in model
+# host serves the checkpoints their init containers download (modelserver.py).
+RUNNER_COMPONENTS = ("modelserver", "podrunner")
+RUNNER_ANNOTATION = "local.sd-operator.dev/runner"
+STORAGE_CLASS = {
+    "apiVersion": "storage.k8s.io/v1",
+    "kind": "StorageClass",
+    "metadata": {"name": "local", "annotations": {"storageclass.kubernetes.io/is-default-class": "true"}},
+    "provisioner": "local.sd-operator.dev/runner",
+    "reclaimPolicy": "Delete",
+    "volumeBindingMode": "Immediate",
+}
 GPU_TAINT = {"key": "nvidia.com/gpu", "value": "present", "effect": "NoSchedule"}
 
 
@@ -57,16 +70,17 @@ class Ports:
     controller_manager: int
     scheduler: int
     kwok: int
+    models: int
 
     @classmethod
     def from_base(cls, base: int) -> Ports:
-        return cls(base, base + 1, base + 2, base + 3, base + 4, base + 5)
+        return cls(*range(base, base + 7))
 
     @classmethod
     def free(cls, host: str) -> Ports:
         """Ports the kernel reports free right now (for test sessions beside a dev cluster)."""
         with contextlib.ExitStack() as stack:
-            socks = [stack.enter_context(socket.socket()) for _ in range(6)]
+            socks = [stack.enter_context(socket.socket()) for _ in range(7)]
             for s in socks:
                 s.bind((host, 0))
             return cls(*(s.getsockname()[1] for s in socks))
@@ -88,6 +102,22 @@ class ClusterConfig:
     start_timeout: float = 60.0
     # Extra flags per component, e.g. {"kube-apiserver": ["--audit-log-path=..."]} for benchmarks.
     extra_args: dict[str, list[str]] = field(default_factory=dict)
+    # Run the fleet's pods as local processes (needs a loopback-only network namespace: tools/netns.sh).
+    runner: bool = False
+
+    @property
+    def components(self) -> tuple[str, ...]:
+        return COMPONENTS + (RUNNER_COMPONENTS if self.runner else ())
+
+    @property
+    def pod_ranges(self) -> tuple[str, str]:
+        """kwok's half of the pod CIDR and the runner's, so their addresses never collide."""
+        kwok, runner = ipaddress.ip_network(self.pod_cidr).subnets(prefixlen_diff=1)
+        return str(kwok), str(runner)
+
+    @property
+    def model_url(self) -> str:
+        return f"http://{self.host}:{self.ports.models}"
 
     @property
     def kubeconfig(self) -> Path:
@@ -110,21 +140,22 @@ class ClusterConfig:
 # Fleet: the fake nodes
 
 
-def load_fleet(path: Path) -> list[dict]:
-    """Reads a fleet file and returns the Node manifests it describes."""
+def load_fleet(path: Path, runner: bool = False) -> list[dict]:
+    """Reads a fleet file and returns the Node manifests it describes (run by kwok, or by the runner)."""
     doc = yaml.safe_load(path.read_text()) or {}
     nodes = []
     for group in doc.get("nodes", []):
         for i in range(int(group.get("count", 1))):
-            nodes.append(render_node(f"{group['name']}-{i}", group))
+            nodes.append(render_node(f"{group['name']}-{i}", group, runner))
     names = [n["metadata"]["name"] for n in nodes]
     if len(names) != len(set(names)):
         raise ClusterError(f"fleet {path}: node names are not unique: {sorted(names)}")
     return nodes
 
 
-def render_node(name: str, group: dict) -> dict:
-    """A kwok Node with the resources, labels and taints of a GPU (or CPU-only) machine."""
+def render_node(name: str, group: dict, runner: bool = False) -> dict:
+    """A fake Node with the resources, labels and taints of a GPU (or CPU-only) machine; kwok keeps it
+    and its pods, or (runner) podrunner.py, which runs the pods as processes."""
     resources = {
         "cpu": str(group.get("cpu", "8")),
         "memory": str(group.get("memory", "32Gi")),
@@ -161,7 +192,10 @@ def render_node(name: str, group: dict) -> dict:
         "metadata": {
             "name": name,
             "labels": labels,
-            "annotations": {"kwok.x-k8s.io/node": "fake", "node.alpha.kubernetes.io/ttl": "0"},
+            "annotations": {
+                (RUNNER_ANNOTATION if runner else "kwok.x-k8s.io/node"): "true" if runner else "fake",
+                "node.alpha.kubernetes.io/ttl": "0",
+            },
         },
         "spec": {"taints": taints},
         "status": {"allocatable": resources, "capacity": dict(resources)},
@@ -348,11 +382,25 @@ def commands(cfg: ClusterConfig) -> dict[str, list[str]]:
             f"--config={KWOK_STAGES}",
             "--manage-all-nodes=false",
             "--manage-nodes-with-annotation-selector=kwok.x-k8s.io/node=fake",
-            f"--cidr={cfg.pod_cidr}",
+            f"--cidr={cfg.pod_ranges[0] if cfg.runner else cfg.pod_cidr}",
             f"--node-ip={h}",
             f"--node-port={pt.kwok}",
             f"--server-address={h}:{pt.kwok}",
             "--node-lease-duration-seconds=40",
+        ],
+        "modelserver": [
+            sys.executable,
+            str(HERE / "modelserver.py"),
+            f"--host={h}",
+            f"--port={pt.models}",
+        ],
+        "podrunner": [
+            sys.executable,
+            str(HERE / "podrunner.py"),
+            f"--kubeconfig={kc}",
+            f"--workdir={cfg.workdir / 'runner'}",
+            f"--apiserver={h}:{pt.apiserver}",
+            f"--ip-range={cfg.pod_ranges[1]}",
         ],
     }
     return {name: argv + cfg.extra_args.get(name, []) for name, argv in base.items()}
@@ -360,6 +408,12 @@ def commands(cfg: ClusterConfig) -> dict[str, list[str]]:
 
 # ---------------------------------------------------------------------------------------------
 # Processes
+
+
+def _loopback_only() -> bool:
+    """Inside a network namespace whose only interface is lo (tools/netns.sh)."""
+    out = subprocess.run(["ip", "-o", "link", "show"], capture_output=True, text=True, check=False).stdout
+    return [line.split(":")[1].strip().split("@")[0] for line in out.splitlines() if line.strip()] == ["lo"]
 
 
 def _pid_alive(pid: int) -> bool:
@@ -427,6 +481,8 @@ class LocalCluster:
         self.check_binaries()
         if self.running():
             raise ClusterError(f"a cluster is already running from {cfg.workdir} (`make cluster-down` first)")
+        if cfg.runner and not _loopback_only():
+            raise ClusterError("--runner needs a loopback-only network namespace: run this through tools/netns.sh")
         busy = [p for p in cfg.ports.all() if _port_open(cfg.host, p)]
         if busy:
             raise ClusterError(f"ports already in use on {cfg.host}: {busy}")
@@ -434,11 +490,11 @@ class LocalCluster:
         ensure_pki(cfg)
         write_kubeconfig(cfg)
         pids: dict[str, int] = {}
-        state = {"ports": asdict(cfg.ports), "host": cfg.host, "pids": pids}
+        state = {"ports": asdict(cfg.ports), "host": cfg.host, "pids": pids, "runner": cfg.runner}
         self._save_state(state)
         cmds = commands(cfg)
         try:
-            for name in COMPONENTS:
+            for name in cfg.components:
                 if name == "kwok":
                     # Leases left from an earlier run make a restarted kwok stall before it manages nodes.
                     self.kubectl(
@@ -447,7 +503,9 @@ class LocalCluster:
                 pids[name] = self._spawn(name, cmds[name])
                 self._save_state(state)
                 self._wait_component(name)
-            self.apply_fleet(load_fleet(cfg.fleet_file))
+            self.apply_fleet(load_fleet(cfg.fleet_file, cfg.runner))
+            if cfg.runner:
+                self.kubectl("apply", "-f", "-", input=json.dumps(STORAGE_CLASS))
             self._wait_nodes_ready()
             self._wait_default_service_account("default")
             if cfg.workdir == DEFAULT_WORKDIR:
@@ -505,6 +563,8 @@ class LocalCluster:
             self._wait("scheduler", lambda: _port_open(h, pt.scheduler), name)
         elif name == "kwok":
             self._wait("kwok", lambda: _port_open(h, pt.kwok), name)
+        elif name == "modelserver":
+            self._wait("model server", lambda: _port_open(h, pt.models), name)
 
     def kubectl(self, *args: str, input: str | None = None, check: bool = True) -> subprocess.CompletedProcess:
         cmd = [str(self.cfg.bindir / "kubectl"), f"--kubeconfig={self.cfg.kubeconfig}", *args]
@@ -529,7 +589,7 @@ class LocalCluster:
                 for n in items
             )
 
-        self._wait("all nodes Ready", all_ready, "kwok")
+        self._wait("all nodes Ready", all_ready, "podrunner" if self.cfg.runner else "kwok")
 
     def _wait_default_service_account(self, namespace: str) -> None:
         self._wait(
@@ -542,7 +602,7 @@ class LocalCluster:
         """Stops every component (reverse order), then checks no process or port is left."""
         state = self._state()
         pids = state.get("pids", {})
-        for name in reversed(COMPONENTS):
+        for name in reversed(list(pids)):
             pid = pids.get(name)
             if pid and _pid_alive(pid):
                 with contextlib.suppress(ProcessLookupError):
@@ -581,6 +641,7 @@ def temporary_cluster(
     fleet_file: Path = DEFAULT_FLEET,
     bindir: Path = DEFAULT_BINDIR,
     extra_args: dict[str, list[str]] | None = None,
+    runner: bool = False,
 ) -> Iterator[LocalCluster]:
     """A cluster on free ports in a temporary directory, stopped and removed afterwards."""
     workdir = Path(tempfile.mkdtemp(prefix="sd-cluster-"))
@@ -590,6 +651,7 @@ def temporary_cluster(
         ports=Ports.free("127.0.0.1"),
         fleet_file=fleet_file,
         extra_args=extra_args or {},
+        runner=runner,
     )
     cluster = LocalCluster(cfg)
     try:
@@ -613,10 +675,16 @@ def main(argv: list[str] | None = None) -> int:
         "--port-base",
         type=int,
         default=int(os.environ.get("SD_CLUSTER_PORT_BASE", "16440")),
-        help="first of six consecutive ports (etcd client, etcd peer, apiserver, kcm, scheduler, kwok)",
+        help="first of seven consecutive ports (etcd client, etcd peer, apiserver, kcm, scheduler, kwok, models)",
     )
     parser.add_argument("--pod-cidr", default=os.environ.get("SD_POD_CIDR", "10.244.0.0/16"))
     parser.add_argument("--service-cidr", default=os.environ.get("SD_SERVICE_CIDR", "10.96.0.0/16"))
+    parser.add_argument(
+        "--runner",
+        action="store_true",
+        default=os.environ.get("SD_RUNNER") == "1",
+        help="run the fleet's pods as local processes (inside tools/netns.sh only)",
+    )
     args = parser.parse_args(argv)
     cfg = ClusterConfig(
         workdir=args.workdir.resolve(),
@@ -626,6 +694,7 @@ def main(argv: list[str] | None = None) -> int:
         fleet_file=args.fleet,
         pod_cidr=args.pod_cidr,
         service_cidr=args.service_cidr,
+        runner=args.runner,
     )
     cluster = LocalCluster(cfg)
     try:

@@ -43,7 +43,9 @@ _memo = StatusMemo()
 
 def _settings() -> RenderSettings:
     s = operator_settings()
-    return RenderSettings(operator_image=s.operator_image, image_pull_secrets=tuple(s.image_pull_secrets))
+    return RenderSettings(
+        operator_image=s.operator_image, image_pull_secrets=tuple(s.image_pull_secrets), hf_endpoint=s.hf_endpoint
+    )
 
 
 def _owner(namespace: str, name: str, uid: str, labels: dict[str, str] | None = None) -> dict[str, Any]:
@@ -190,7 +192,7 @@ def reconcile(
     model = base_model(parsed, namespace)
     owner = _owner(namespace, name, body.meta["uid"], dict(body.meta.get("labels") or {}))
     settings = _settings()
-    for child in [render_configmap(owner, dict(spec), model), *render_rbac(owner)]:
+    for child in [render_configmap(owner, dict(spec), model, settings), *render_rbac(owner)]:
         kube.apply(child)
     kube.apply(render_train_job(owner, parsed, model, settings))
     logger.info("applied LoRAJob training Job (base model %s)", model.name)

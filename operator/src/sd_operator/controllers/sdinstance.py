@@ -41,7 +41,9 @@ def parse_spec(spec: Any) -> SDInstanceSpec:
 
 def render_settings() -> RenderSettings:
     s = operator_settings()
-    return RenderSettings(operator_image=s.operator_image, image_pull_secrets=tuple(s.image_pull_secrets))
+    return RenderSettings(
+        operator_image=s.operator_image, image_pull_secrets=tuple(s.image_pull_secrets), hf_endpoint=s.hf_endpoint
+    )
 
 
 def _owner(body: kopf.Body) -> dict[str, Any]:

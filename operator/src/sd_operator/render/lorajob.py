@@ -61,9 +61,11 @@ def _meta(owner: dict[str, Any], name: str, step: str) -> dict[str, Any]:
     }
 
 
-def render_configmap(owner: dict[str, Any], raw_spec: dict[str, Any], base_model: ModelFile) -> dict[str, Any]:
+def render_configmap(
+    owner: dict[str, Any], raw_spec: dict[str, Any], base_model: ModelFile, settings: RenderSettings
+) -> dict[str, Any]:
     meta = owner["metadata"]
-    manifest, _ = base_model_manifest(base_model)
+    manifest, _ = base_model_manifest(base_model, settings)
     doc = {
         "apiVersion": f"{API_GROUP}/{API_VERSION}",
         "kind": "LoRAJob",
@@ -78,9 +80,9 @@ def render_configmap(owner: dict[str, Any], raw_spec: dict[str, Any], base_model
     }
 
 
-def base_model_manifest(base_model: ModelFile) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+def base_model_manifest(base_model: ModelFile, settings: RenderSettings) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     secrets = _SecretEnv()
-    return {"files": [fetch_entry("checkpoint", base_model, secrets)]}, secrets.env
+    return {"files": [fetch_entry("checkpoint", base_model, secrets, settings.hf_endpoint)]}, secrets.env
 
 
 def render_rbac(owner: dict[str, Any]) -> list[dict[str, Any]]:
@@ -122,7 +124,7 @@ def render_train_job(
 ) -> dict[str, Any]:
     meta = owner["metadata"]
     name = train_name(meta["name"])
-    _, secret_env = base_model_manifest(base_model)
+    _, secret_env = base_model_manifest(base_model, settings)
     dataset, destination = spec.dataset.source.pvc, spec.output.destination.pvc
     assert dataset is not None and destination is not None, "validated by the controller"
     volumes: list[dict[str, Any]] = [

@@ -35,6 +35,7 @@ from sd_operator.render.scheduling import (
     gpu_tolerations,
     scheduling_extras,
 )
+from sd_operator.settings import DEFAULT_HF_ENDPOINT
 
 MODELS_DIR = "/models"
 CONFIG_DIR = "/etc/sd-operator"
@@ -48,7 +49,7 @@ SUBDIRS = {
     "embedding": "embeddings",
 }
 DEFAULT_EPHEMERAL_SIZE = "64Gi"
-HF_ENDPOINT = "https://huggingface.co"
+HF_ENDPOINT = DEFAULT_HF_ENDPOINT
 CONFIG_HASH_ANNOTATION = f"{API_GROUP}/config-hash"
 
 
@@ -59,6 +60,8 @@ class RenderSettings:
     operator_image: str = "ghcr.io/sd-operator/sd-operator:0.1.0"
     image_pull_secrets: tuple[str, ...] = ()
     extra_pod_labels: dict[str, str] = field(default_factory=dict)
+    # For huggingFace sources without their own endpoint (SD_HF_ENDPOINT: a mirror when air-gapped).
+    hf_endpoint: str = HF_ENDPOINT
 
 
 def child_name(instance: str) -> str:
@@ -195,8 +198,9 @@ def _source_claim_volume(claim: str) -> str:
     return f"src-{content_hash(claim)[:10]}"
 
 
-def fetch_entry(kind: str, model: ModelFile, secrets: _SecretEnv) -> dict[str, Any]:
-    """One file of the fetch manifest: where to get it, how to check it."""
+def fetch_entry(kind: str, model: ModelFile, secrets: _SecretEnv, hf_endpoint: str) -> dict[str, Any]:
+    """One file of the fetch manifest: where to get it, how to check it. `hf_endpoint` serves
+    huggingFace sources that name no endpoint of their own."""
     entry: dict[str, Any] = {
         "name": model.name,
         "subdir": SUBDIRS[kind],
@@ -212,7 +216,7 @@ def fetch_entry(kind: str, model: ModelFile, secrets: _SecretEnv) -> dict[str, A
         hf = src.hugging_face
         path = urllib.parse.quote(hf.file)
         revision = urllib.parse.quote(hf.revision, safe="")
-        entry["url"] = f"{(hf.endpoint or HF_ENDPOINT).rstrip('/')}/{hf.repo}/resolve/{revision}/{path}"
+        entry["url"] = f"{(hf.endpoint or hf_endpoint).rstrip('/')}/{hf.repo}/resolve/{revision}/{path}"
         if hf.token_secret:
             entry["headers"] = {"Authorization": {"env": secrets.ref(hf.token_secret), "prefix": "Bearer "}}
     elif src.s3:
@@ -238,10 +242,10 @@ def model_files(spec: SDInstanceSpec) -> list[tuple[str, ModelFile]]:
     return files
 
 
-def fetch_manifest(spec: SDInstanceSpec) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+def fetch_manifest(spec: SDInstanceSpec, settings: RenderSettings) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """The fetch manifest and the env vars (from Secrets) it refers to."""
     secrets = _SecretEnv()
-    files = [fetch_entry(kind, model, secrets) for kind, model in model_files(spec)]
+    files = [fetch_entry(kind, model, secrets, settings.hf_endpoint) for kind, model in model_files(spec)]
     return {"files": files}, secrets.env
 
 
@@ -254,9 +258,9 @@ def source_claims(spec: SDInstanceSpec) -> list[str]:
 # Manifests
 
 
-def render_configmap(owner: dict[str, Any], spec: SDInstanceSpec) -> dict[str, Any]:
+def render_configmap(owner: dict[str, Any], spec: SDInstanceSpec, settings: RenderSettings) -> dict[str, Any]:
     meta = owner["metadata"]
-    manifest, _ = fetch_manifest(spec)
+    manifest, _ = fetch_manifest(spec, settings)
     return {
         "apiVersion": "v1",
         "kind": "ConfigMap",
@@ -304,7 +308,7 @@ def render_deployment(owner: dict[str, Any], spec: SDInstanceSpec, settings: Ren
     meta = owner["metadata"]
     name = meta["name"]
     labels = common_labels(meta, spec)
-    manifest, secret_env = fetch_manifest(spec)
+    manifest, secret_env = fetch_manifest(spec, settings)
     port = spec.webui.port
     volumes: list[dict[str, Any]] = [
         {"name": "config", "configMap": {"name": child_name(name)}},
@@ -466,7 +470,7 @@ def render_network_policy(owner: dict[str, Any], spec: SDInstanceSpec) -> dict[s
 def render_all(owner: dict[str, Any], spec: SDInstanceSpec, settings: RenderSettings) -> list[dict[str, Any]]:
     """Every child, in the order they are applied (the ConfigMap before the pods that mount it)."""
     return [
-        render_configmap(owner, spec),
+        render_configmap(owner, spec, settings),
         render_service(owner, spec),
         render_network_policy(owner, spec),
         render_deployment(owner, spec, settings),
