@@ -13,7 +13,7 @@ export PATH := $(BIN):$(VENV)/bin:$(PATH)
 # Debian packages the tooling needs: openssl (cluster PKI), redis-server (cache tests), nginx (benchmark baseline).
 APT_PACKAGES := openssl redis-server nginx-light
 
-.PHONY: help deps venv constraints tools crds cluster-up cluster-down cluster-status cluster-clean dev lint unit \
+.PHONY: help deps venv constraints tools crds cluster-up cluster-down cluster-status cluster-clean dev lint unit e2e \
         integration test bench images dist clean
 
 help: ## list the targets
@@ -71,7 +71,12 @@ unit: venv ## unit tests (no cluster)
 integration: deps venv tools ## integration tests on a real local cluster (or the one named by KUBECONFIG)
 	$(PY) -m pytest tests/integration
 
-test: deps venv tools lint unit integration ## everything CI runs
+# Locally inside a loopback-only network namespace with the pod runner (tools/netns.sh); with KUBECONFIG
+# set, against that cluster (its operator and gateway installed; see tests/e2e/conftest.py).
+e2e: deps venv tools ## end-to-end: real pods' commands, downloads, gateway, batches, training
+	@if [ -n "$$KUBECONFIG" ]; then $(PY) -m pytest tests/e2e; else tools/netns.sh $(PY) -m pytest tests/e2e; fi
+
+test: deps venv tools lint unit integration e2e ## everything CI runs
 
 bench: deps venv tools ## benchmarks (numbers for the closing notes; not run by `make test`)
 	$(PY) bench/sdinstances.py --count 200 --idle-seconds 60

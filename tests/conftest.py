@@ -8,48 +8,19 @@ from __future__ import annotations
 
 import os
 import re
-import signal
-import socket
 import subprocess
-import sys
 import uuid
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-import requests
 import yaml
 from kubernetes import client, config
 from kubernetes.client.rest import ApiException
 
 import localcluster  # tools/cluster, on pytest's pythonpath
+from cluster_support import ROOT, Cluster, Operator, start_operator, stop_operator
 from helpers import wait_for
-
-ROOT = Path(__file__).resolve().parent.parent
-
-
-@dataclass
-class Cluster:
-    kubeconfig: Path
-    api: client.ApiClient
-    local: object | None  # the LocalCluster when this session started it
-
-    @property
-    def core(self) -> client.CoreV1Api:
-        return client.CoreV1Api(self.api)
-
-    @property
-    def apps(self) -> client.AppsV1Api:
-        return client.AppsV1Api(self.api)
-
-    @property
-    def batch(self) -> client.BatchV1Api:
-        return client.BatchV1Api(self.api)
-
-    def kwok_nodes(self) -> list[client.V1Node]:
-        nodes = self.core.list_node().items
-        return [n for n in nodes if (n.metadata.annotations or {}).get("kwok.x-k8s.io/node") == "fake"]
 
 
 @pytest.fixture(scope="session")
@@ -92,64 +63,6 @@ def crds(cluster: Cluster) -> None:
         return True
 
     wait_for(established, timeout=30, what="the CRDs to be Established")
-
-
-@dataclass
-class Operator:
-    process: subprocess.Popen
-    metrics_url: str
-    liveness_url: str
-    log_path: Path
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
-
-def start_operator(cluster: Cluster, log_path: Path, *extra: str, env: dict[str, str] | None = None) -> Operator:
-    """`sd-operator run` as a real process against the test cluster (standalone unless `extra` peers it)."""
-    metrics_port, liveness_port = free_port(), free_port()
-    env = {**os.environ, "KUBECONFIG": str(cluster.kubeconfig), "SD_OPERATOR_IMAGE": "sd-operator:test", **(env or {})}
-    log = log_path.open("ab")
-    process = subprocess.Popen(
-        [
-            str(Path(sys.executable).parent / "sd-operator"),
-            "run",
-            "--all-namespaces",
-            *([] if any(a.startswith("--peering") for a in extra) else ["--standalone"]),
-            f"--metrics-port={metrics_port}",
-            f"--liveness=http://127.0.0.1:{liveness_port}/healthz",
-            *extra,
-        ],
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        env=env,
-        start_new_session=True,
-    )
-    log.close()
-    op = Operator(
-        process, f"http://127.0.0.1:{metrics_port}/metrics", f"http://127.0.0.1:{liveness_port}/healthz", log_path
-    )
-
-    def alive() -> bool:
-        if process.poll() is not None:
-            raise AssertionError(f"the operator exited: {op.log()[-2000:]}")
-        try:
-            return requests.get(op.liveness_url, timeout=1).status_code == 200
-        except requests.ConnectionError:
-            return False
-
-    wait_for(alive, timeout=60, what="the operator's liveness endpoint")
-    return op
-
-
-def stop_operator(op: Operator) -> None:
-    if op.process.poll() is None:
-        os.killpg(op.process.pid, signal.SIGTERM)
-        try:
-            op.process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(op.process.pid, signal.SIGKILL)
-            op.process.wait()
 
 
 @pytest.fixture(scope="module")
@@ -197,12 +110,6 @@ def gpu_pool(kwok_cluster: Cluster) -> Iterator[str]:
     yield pool
     for node in nodes:
         core.delete_node(node["metadata"]["name"])
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture

@@ -14,7 +14,7 @@ import yaml
 from kubernetes import client
 from kubernetes.client.rest import ApiException
 
-from conftest import ROOT, Cluster
+from cluster_support import ROOT, Cluster
 
 GROUP, VERSION = "sd-operator.dev", "v1alpha1"
 PLURALS = {"SDInstance": "sdinstances", "LoRAJob": "lorajobs", "GenerationBatch": "generationbatches"}

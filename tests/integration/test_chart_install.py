@@ -21,7 +21,7 @@ import yaml
 from kubernetes import client
 from kubernetes.client.rest import ApiException
 
-from conftest import Cluster, free_port
+from cluster_support import Cluster, free_port
 from helpers import wait_for
 from objects import GROUP, PLURAL, VERSION, sdi, wait_phase
 from processes import _start

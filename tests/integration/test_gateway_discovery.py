@@ -13,7 +13,7 @@ from pathlib import Path
 import requests
 from kubernetes import client
 
-from conftest import Cluster
+from cluster_support import Cluster
 from helpers import wait_for
 from objects import GROUP, PLURAL, VERSION
 from processes import BIN, _start

@@ -13,7 +13,7 @@ from typing import Any
 from kubernetes import client
 from kubernetes.client.rest import ApiException
 
-from conftest import Cluster, Operator
+from cluster_support import Cluster, Operator
 from helpers import wait_for
 
 GROUP, VERSION, PLURAL = "sd-operator.dev", "v1alpha1", "generationbatches"

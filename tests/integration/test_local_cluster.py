@@ -14,7 +14,7 @@ import pytest
 from kubernetes import client
 from kubernetes.client.rest import ApiException
 
-from conftest import ROOT, Cluster
+from cluster_support import ROOT, Cluster
 from helpers import wait_for
 
 GPU = "nvidia.com/gpu"

@@ -16,7 +16,7 @@ import pytest
 import requests
 from kubernetes import client
 
-from conftest import Cluster, Operator, start_operator, stop_operator
+from cluster_support import Cluster, Operator, start_operator, stop_operator
 from helpers import wait_for
 from processes import Proc, emulator, gateway
 

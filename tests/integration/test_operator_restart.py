@@ -9,7 +9,7 @@ from pathlib import Path
 import requests
 from kubernetes import client
 
-from conftest import Cluster, start_operator, stop_operator
+from cluster_support import Cluster, start_operator, stop_operator
 from helpers import wait_for
 from objects import GROUP, PLURAL, VERSION, get, sdi, wait_phase
 

@@ -17,7 +17,7 @@ import requests
 from kubernetes import client
 from kubernetes.client.rest import ApiException
 
-from conftest import ROOT, Cluster, Operator
+from cluster_support import ROOT, Cluster, Operator
 from helpers import wait_for
 from objects import GROUP, PLURAL, VERSION, get, sdi, wait_phase
 

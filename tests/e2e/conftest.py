@@ -1,0 +1,78 @@
+"""The end-to-end chain: real pods' commands, real downloads, the real gateway, PNGs on disk.
+
+Locally (`make e2e`), the suite runs inside a loopback-only network namespace (tools/netns.sh) and
+starts its own cluster in runner mode: the fleet's pods run as processes (tools/cluster/podrunner.py)
+at pod IPs that answer inside the namespace, model sources resolve to the stand-in model host
+(tools/cluster/modelserver.py, through the operator's SD_HF_ENDPOINT), and the operator and the
+gateway run as the chart runs them (`sd-operator run`, `sd-operator gateway --kubernetes`).
+
+Against a real cluster (KUBECONFIG set), the operator and gateway must already be installed (the
+chart); SD_E2E_GATEWAY_URL names the gateway (e.g. after `kubectl port-forward svc/sd-operator-gateway
+8080`) and SD_E2E_MODEL_URL an HTTP host the pods can download stand-in models from (modelserver.py
+serves them). Tests that need what only the local runner gives (reading pod volumes from this machine,
+killing a pod's process) are skipped there.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from e2e_support import Chain
+from kubernetes import config
+
+import localcluster
+from cluster_support import ROOT, Cluster, start_operator, stop_operator
+from processes import BIN, _start
+
+LOCAL_FLEET = ROOT / "tools/cluster/fleet-local.yaml"
+
+
+def _in_loopback_netns() -> bool:
+    return localcluster._loopback_only()
+
+
+@pytest.fixture(scope="session")
+def cluster() -> Iterator[Cluster]:
+    named = os.environ.get("KUBECONFIG")
+    if named:
+        path = Path(named.split(os.pathsep)[0])
+        yield Cluster(path, config.new_client_from_config(config_file=str(path)), None)
+        return
+    if not _in_loopback_netns():
+        pytest.fail("the local end-to-end suite runs inside a loopback-only network namespace: `make e2e`")
+    with localcluster.temporary_cluster(fleet_file=LOCAL_FLEET, runner=True) as local:
+        api = config.new_client_from_config(config_file=str(local.cfg.kubeconfig))
+        yield Cluster(local.cfg.kubeconfig, api, local)
+        api.close()
+
+
+@pytest.fixture(scope="session")
+def chain(cluster: Cluster, crds: None, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Chain]:
+    if cluster.local is None:
+        gateway = os.environ.get("SD_E2E_GATEWAY_URL")
+        models = os.environ.get("SD_E2E_MODEL_URL")
+        if not gateway or not models:
+            pytest.skip("on a real cluster set SD_E2E_GATEWAY_URL and SD_E2E_MODEL_URL (see tests/e2e/conftest.py)")
+        yield Chain(cluster, False, gateway.rstrip("/"), models.rstrip("/"))
+        return
+    local: localcluster.LocalCluster = cluster.local  # type: ignore[assignment]
+    logs = tmp_path_factory.mktemp("chain")
+    # As the chart runs it: discovery of SDInstances and their EndpointSlices, in-cluster.
+    gw = _start(
+        [str(BIN / "sd-operator"), "gateway", "--host=127.0.0.1", "--port=0", "--kubernetes"],
+        logs / "gateway.log",
+        "GATEWAY_PORT",
+        env={"KUBECONFIG": str(cluster.kubeconfig)},
+    )
+    env = {
+        "SD_HF_ENDPOINT": local.cfg.model_url,
+        "SD_GATEWAY_URL": gw.url,
+        "SD_OPERATOR_IMAGE": "ghcr.io/sd-operator/sd-operator:e2e",
+    }
+    op = start_operator(cluster, logs / "operator.log", env=env)
+    yield Chain(cluster, True, gw.url, local.cfg.model_url, op)
+    stop_operator(op)
+    gw.stop()

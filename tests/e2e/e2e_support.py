@@ -1,0 +1,91 @@
+"""Builders and waits the end-to-end tests share."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+from kubernetes import client
+
+from cluster_support import Cluster, Operator
+from helpers import wait_for
+
+GROUP, VERSION = "sd-operator.dev", "v1alpha1"
+
+
+@dataclass
+class Chain:
+    cluster: Cluster
+    local: bool  # pods run as processes on this machine (their volumes and processes are reachable)
+    gateway_url: str
+    model_url: str  # what pods download models from (a Hugging Face compatible host)
+    operator: Operator | None = None
+
+    def require_local(self) -> None:
+        if not self.local:
+            pytest.skip("needs the local pod runner (make e2e)")
+
+    @property
+    def runner_dir(self) -> Path:
+        self.require_local()
+        return self.cluster.local.cfg.workdir / "runner"  # type: ignore[attr-defined]
+
+    def pod_volume(self, pod: client.V1Pod, volume: str) -> Path:
+        """A pod's emptyDir as the runner made it (the pod's own folder on this machine)."""
+        return self.runner_dir / "pods" / pod.metadata.uid / "volumes" / volume
+
+    def claim_dir(self, namespace: str, claim: str) -> Path:
+        """The folder behind a claim: the runner provisions PersistentVolumes as local folders."""
+        self.require_local()
+        core = self.cluster.core
+        pvc = core.read_namespaced_persistent_volume_claim(claim, namespace)
+        return Path(core.read_persistent_volume(pvc.spec.volume_name).spec.host_path.path)
+
+
+def instance(name: str, checkpoint: str, sha: str | None = None, replicas: int = 1, **spec: Any) -> dict[str, Any]:
+    """An SDInstance whose checkpoint comes from Hugging Face (the stand-in host, via SD_HF_ENDPOINT)."""
+    ckpt: dict[str, Any] = {
+        "name": checkpoint,
+        "source": {"huggingFace": {"repo": "e2e/models", "file": checkpoint}},
+    }
+    if sha:
+        ckpt["sha256"] = sha
+    body: dict[str, Any] = {
+        "apiVersion": f"{GROUP}/{VERSION}",
+        "kind": "SDInstance",
+        "metadata": {"name": name},
+        "spec": {
+            "replicas": replicas,
+            "model": {"family": "sd15", "checkpoint": ckpt},
+            "gpu": {"memoryGiB": 12},
+            "resources": {"requests": {"cpu": "1", "memory": "2Gi"}},
+        },
+    }
+    body["spec"].update(spec)
+    return body
+
+
+def get(custom: client.CustomObjectsApi, ns: str, plural: str, name: str) -> dict[str, Any]:
+    return custom.get_namespaced_custom_object(GROUP, VERSION, ns, plural, name)
+
+
+def wait_phase(
+    custom: client.CustomObjectsApi, ns: str, name: str, phase: str, timeout: float = 120, plural: str = "sdinstances"
+) -> dict[str, Any]:
+    def reached() -> dict[str, Any] | None:
+        obj = get(custom, ns, plural, name)
+        status = obj.get("status") or {}
+        seen = status.get("observedGeneration") == obj["metadata"]["generation"]
+        return obj if status.get("phase") == phase and seen else None
+
+    try:
+        return wait_for(reached, timeout=timeout, what=f"{plural}/{name} to be {phase}")
+    except AssertionError as e:
+        raise AssertionError(f"{e}; status now: {get(custom, ns, plural, name).get('status')}") from None
+
+
+def webui_pods(chain: Chain, namespace: str, name: str) -> list[client.V1Pod]:
+    pods = chain.cluster.core.list_namespaced_pod(namespace, label_selector=f"sd-operator.dev/instance={name}").items
+    return [p for p in pods if not p.metadata.deletion_timestamp]
