@@ -661,7 +661,10 @@ def temporary_cluster(
         try:
             cluster.down()
         finally:
-            shutil.rmtree(workdir, ignore_errors=True)
+            if os.environ.get("SD_KEEP_CLUSTER_DIR") == "1":  # logs of components and pods, for a post-mortem
+                print(f"kept the cluster's folder {workdir}", file=sys.stderr)
+            else:
+                shutil.rmtree(workdir, ignore_errors=True)
 
 
 def main(argv: list[str] | None = None) -> int:
