@@ -13,7 +13,7 @@ export PATH := $(BIN):$(VENV)/bin:$(PATH)
 # Debian packages the tooling needs: openssl (cluster PKI), redis-server (cache tests), nginx (benchmark baseline).
 APT_PACKAGES := openssl redis-server nginx-light
 
-.PHONY: help deps venv constraints tools crds cluster-up cluster-down cluster-status cluster-clean dev lint unit e2e \
+.PHONY: help deps venv constraints tools crds cluster-up cluster-down cluster-status cluster-clean dev dev-down lint unit e2e \
         integration test bench images dist clean
 
 help: ## list the targets
@@ -56,8 +56,11 @@ cluster-status: ## show which components of the local cluster run
 cluster-clean: ## stop the local cluster and delete its data
 	@$(CLUSTER) clean
 
-dev: deps venv tools ## the main job: local cluster, CRDs, operator in the foreground, examples
-	@bash tools/dev.sh
+dev: deps venv tools ## the main job: everything runs locally (pods as processes); prints three commands to try
+	@$(PY) tools/dev.py
+
+dev-down: ## stop a `make dev` session started in another terminal
+	@$(PY) tools/dev.py down
 
 lint: venv ## ruff (lint and format) and mypy
 	$(VENV)/bin/ruff check operator tests tools bench deploy images

@@ -24,7 +24,8 @@ GPU_PROFILES = {
     "t4": "t4",
 }
 DEFAULT_GPU_PROFILE = "rtx3090"
-MAX_TERMINATION_MESSAGE = 4096  # bytes, as the kubelet
+MAX_TERMINATION_MESSAGE = 4096  # bytes of the file's end, as the kubelet
+MAX_TERMINATION_LOG_MESSAGE = 2048  # bytes of the log's end with FallbackToLogsOnError (kubelet: 2048)
 LOG_TAIL_LINES = 80  # FallbackToLogsOnError takes at most this many lines (kubelet: 80)
 
 _VAR = re.compile(r"\$\$|\$\(([A-Za-z_][A-Za-z0-9_.-]*)\)")
@@ -152,17 +153,19 @@ def image_program(image: str, table: Sequence[Mapping[str, Any]], values: Mappin
 
 def container_argv(container: Mapping[str, Any], program: Program, env: Mapping[str, str]) -> list[str]:
     """`command` replaces the ENTRYPOINT and drops CMD; `args` replaces CMD (as Docker and the kubelet)."""
-    command = container.get("command")
-    args = container.get("args")
+    # Only the container's own command and args are expanded, never the image's ENTRYPOINT/CMD; an
+    # empty `args` is no `args` (the API server drops it; containerd then takes the image's CMD).
+    command = [expand(a, env) for a in container.get("command") or []]
+    args = [expand(a, env) for a in container.get("args") or []]
     if command:
-        argv = list(command) + list(args or [])
+        argv = command + args
         if argv[0] == "sd-operator" and program.entrypoint and program.entrypoint[0].endswith("/sd-operator"):
             argv[0] = program.entrypoint[0]  # the image's PATH: the venv's CLI
     else:
-        argv = program.entrypoint + (list(args) if args is not None else program.cmd)
+        argv = program.entrypoint + (args or program.cmd)
     if not argv:
         raise PodError("CreateContainerError", "no command: the image has no entrypoint and the container none")
-    return [expand(a, env) for a in argv]
+    return argv
 
 
 def gpu_profile(node_labels: Mapping[str, str]) -> str:
@@ -174,12 +177,20 @@ def gpu_profile(node_labels: Mapping[str, str]) -> str:
 
 
 def termination_message(file_text: str, log_tail: str, policy: str | None, exit_code: int) -> str:
-    """The message of a terminated container, as the kubelet builds it."""
-    message = file_text[:MAX_TERMINATION_MESSAGE]
-    if not message.strip() and policy == "FallbackToLogsOnError" and exit_code != 0:
+    """The message of a terminated container, as the kubelet builds it: the file's last 4096 bytes; when
+    the file is empty, with FallbackToLogsOnError and a failure, the last 2048 bytes of the log's last 80
+    lines."""
+    message = _tail_bytes(file_text, MAX_TERMINATION_MESSAGE)
+    if not message and policy == "FallbackToLogsOnError" and exit_code != 0:
         lines = log_tail.splitlines()[-LOG_TAIL_LINES:]
-        message = "\n".join(lines)[-MAX_TERMINATION_MESSAGE:]
+        message = _tail_bytes("\n".join(lines), MAX_TERMINATION_LOG_MESSAGE)
     return message
+
+
+def _tail_bytes(text: str, limit: int) -> str:
+    """The end of `text` that fits in `limit` UTF-8 bytes (a character cut in half is left out)."""
+    data = text.encode("utf-8", "surrogateescape")
+    return text if len(data) <= limit else data[-limit:].decode("utf-8", "ignore")
 
 
 def condition(type_: str, ok: bool, now: str, previous: list[dict[str, Any]], reason: str = "") -> dict[str, Any]:

@@ -205,8 +205,13 @@ class Runner:
     def provision(self) -> None:
         """A folder-backed PersistentVolume for each pending claim of the `local` class; released
         volumes are deleted with their folder (reclaim policy Delete)."""
+        volumes = self.core.list_persistent_volume().items
+        # Claims a volume was made for already (by this runner, or by hand, pre-bound) bind to that one.
+        claimed = {(v.spec.claim_ref.namespace, v.spec.claim_ref.name) for v in volumes if v.spec.claim_ref}
         for pvc in self.core.list_persistent_volume_claim_for_all_namespaces().items:
             if pvc.status.phase != "Pending" or pvc.spec.storage_class_name != STORAGE_CLASS or pvc.spec.volume_name:
+                continue
+            if (pvc.metadata.namespace, pvc.metadata.name) in claimed:
                 continue
             name = f"pvc-{pvc.metadata.uid}"
             path = self.cfg.workdir / "volumes" / name
@@ -231,7 +236,7 @@ class Runner:
             with contextlib.suppress(ApiException):  # already made: the PV controller binds it
                 self.core.create_persistent_volume(pv)
                 log.info("provisioned %s for %s/%s at %s", name, pvc.metadata.namespace, pvc.metadata.name, path)
-        for pv in self.core.list_persistent_volume().items:
+        for pv in volumes:
             ours = (pv.metadata.annotations or {}).get("pv.kubernetes.io/provisioned-by") == PROVISIONER
             if ours and pv.status.phase in ("Released", "Failed") and pv.spec.host_path:
                 shutil.rmtree(pv.spec.host_path.path, ignore_errors=True)
@@ -325,6 +330,7 @@ class Container:
         self.dir = worker.dir / "containers" / self.name
         self.dir.mkdir(parents=True, exist_ok=True)
         self.log_path = worker.logs / f"{self.name}.log"
+        self.log_start = 0
         self.termlog = self.dir / "termination-log"
 
     def start(self) -> None:
@@ -350,6 +356,7 @@ class Container:
         with open(self.log_path, "ab") as out:
             out.write(f"--- {now()} start {self.name}: {' '.join(argv)}\n".encode())
             out.flush()
+            self.log_start = out.tell()  # this run's output starts here (the file keeps earlier runs')
             self.proc = subprocess.Popen(
                 [sys.executable, str(HERE / "podexec.py"), str(spec_path)],
                 stdout=out,
@@ -394,7 +401,7 @@ class Container:
         try:
             with open(self.log_path, "rb") as f:
                 f.seek(0, os.SEEK_END)
-                f.seek(max(0, f.tell() - 16384))
+                f.seek(max(self.log_start, f.tell() - 16384))
                 return f.read().decode("utf-8", "replace")
         except OSError:
             return ""
