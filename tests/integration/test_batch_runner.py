@@ -246,9 +246,10 @@ def test_unusable_input_exits_1_with_one_clear_line(fleet: dict[str, Any], tmp_p
         tmp_path, "nomodel", {"target": {"model": "nope.safetensors"}, "items": {"inline": [{"prompt": "x"}]}}
     )
     term = tmp_path / "termination-log"
-    cmd = runner_cmd(tmp_path, batch, fleet["gw"], "--output-dir", str(tmp_path / "out"))
+    cmd = runner_cmd(tmp_path, batch, fleet["gw"], "--output-dir", str(tmp_path / "out"), "--model-wait", "1")
     r = run(cmd, env={"SD_TERMINATION_LOG": str(term)})
     assert r.returncode == 1
+    assert "waiting for model nope.safetensors" in r.stderr  # it waited for the model before giving up
     assert r.stderr.strip().splitlines()[-1].startswith("sd-operator batch: unknown target model 'nope.safetensors'")
     assert MODEL in term.read_text()
     at = cmd.index("--gateway-url") + 1

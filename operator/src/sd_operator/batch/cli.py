@@ -108,6 +108,7 @@ def build(args: argparse.Namespace) -> Runner:
         api_key=api_key,
         concurrency=args.concurrency,
         inputs_dir=Path(args.inputs_dir) if args.inputs_dir else None,
+        model_wait_seconds=args.model_wait,
     )
     return Runner(settings, source, make_store(spec, args.output_dir), make_reporter(args, meta, api_version))
 
@@ -165,6 +166,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--report", choices=["kubernetes", "file", "none"], default="none", help="where progress goes")
     p.add_argument("--report-file", help="status JSON file for --report file")
     p.add_argument("--api-key-env", metavar="NAME", help="environment variable holding the services layer API key")
+    p.add_argument(
+        "--model-wait",
+        type=float,
+        default=300.0,
+        metavar="SECONDS",
+        help="how long to wait for the target model to be served (its instance may still be starting)",
+    )
     p.add_argument(
         "--concurrency",
         type=_positive,

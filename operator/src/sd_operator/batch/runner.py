@@ -66,6 +66,7 @@ class Settings:
     grace_seconds: float = 10.0
     tick_seconds: float = 0.25
     start_attempts: int = 3
+    model_wait_seconds: float = 300.0  # --model-wait
 
 
 def _iso(t: float) -> str:
@@ -88,19 +89,33 @@ class Runner:
 
     # -- start ----------------------------------------------------------------------------------------------
 
-    async def _check_gateway(self, client: GatewayClient) -> None:
+    async def _models(self, client: GatewayClient) -> list[dict[str, Any]]:
         for attempt in range(self.s.start_attempts):
             try:
                 models = await client.get_json("/v1/models")
-                break
+                return models if isinstance(models, list) else []
             except GatewayUnusable as e:
                 if attempt + 1 == self.s.start_attempts or "refused" in str(e):
                     raise
                 await asyncio.sleep(backoff(attempt + 1))
-        matched = match_model(models if isinstance(models, list) else [], self.s.model)
-        if not matched:
+        return []
+
+    async def _check_gateway(self, client: GatewayClient) -> None:
+        # A batch applied together with its SDInstance (one `kubectl apply`, one Argo CD sync) starts
+        # before the instance is Ready: wait for the model a while instead of failing the pod.
+        deadline = time.monotonic() + self.s.model_wait_seconds
+        while True:
+            models = await self._models(client)
+            matched = match_model(models, self.s.model)
+            if matched:
+                break
             served = ", ".join(str(m.get("filename")) for m in models) or "none"
-            raise GatewayUnusable(f"unknown target model {self.s.model!r}; the services layer serves: {served}")
+            if time.monotonic() >= deadline or self.stopping.is_set():
+                raise GatewayUnusable(f"unknown target model {self.s.model!r}; the services layer serves: {served}")
+            log.info(
+                "batch %s: waiting for model %s (the services layer serves: %s)", self.s.name, self.s.model, served
+            )
+            await asyncio.sleep(min(5.0, max(0.1, deadline - time.monotonic())))
         instances = sum(int(m.get("instances") or 0) for m in matched)
         # Default: one request rendering plus one waiting in the gateway per ready instance. With only one
         # per instance, every instance idles while the runner stores an answer and sends the next request
