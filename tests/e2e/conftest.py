@@ -6,11 +6,12 @@ at pod IPs that answer inside the namespace, model sources resolve to the stand-
 (tools/cluster/modelserver.py, through the operator's SD_HF_ENDPOINT), and the operator and the
 gateway run as the chart runs them (`sd-operator run`, `sd-operator gateway --kubernetes`).
 
-Against a real cluster (KUBECONFIG set), the operator and gateway must already be installed (the
-chart); SD_E2E_GATEWAY_URL names the gateway (e.g. after `kubectl port-forward svc/sd-operator-gateway
-8080`) and SD_E2E_MODEL_URL an HTTP host the pods can download stand-in models from (modelserver.py
-serves them). Tests that need what only the local runner gives (reading pod volumes from this machine,
-killing a pod's process) are skipped there.
+Against a real cluster (KUBECONFIG set) this is the acceptance test: the operator and gateway must be
+installed (the chart) with `huggingFace.endpoint` pointing at a stand-in model host the pods can reach
+(tools/cluster/modelserver.py, e.g. as a Deployment; the tests' checkpoints are its made-up files, and
+their checksums are declared), and SD_E2E_GATEWAY_URL names the gateway as this machine reaches it (e.g.
+after `kubectl port-forward svc/sd-operator-gateway 8080`). Checks that need what only the local
+runner gives (reading pod volumes on this machine, killing a pod's process, `make dev`) are skipped.
 """
 
 from __future__ import annotations
@@ -53,10 +54,9 @@ def cluster() -> Iterator[Cluster]:
 def chain(cluster: Cluster, crds: None, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Chain]:
     if cluster.local is None:
         gateway = os.environ.get("SD_E2E_GATEWAY_URL")
-        models = os.environ.get("SD_E2E_MODEL_URL")
-        if not gateway or not models:
-            pytest.skip("on a real cluster set SD_E2E_GATEWAY_URL and SD_E2E_MODEL_URL (see tests/e2e/conftest.py)")
-        yield Chain(cluster, False, gateway.rstrip("/"), models.rstrip("/"))
+        if not gateway:
+            pytest.skip("on a real cluster set SD_E2E_GATEWAY_URL (see tests/e2e/conftest.py)")
+        yield Chain(cluster, False, gateway.rstrip("/"))
         return
     local: localcluster.LocalCluster = cluster.local  # type: ignore[assignment]
     logs = tmp_path_factory.mktemp("chain")
@@ -73,6 +73,6 @@ def chain(cluster: Cluster, crds: None, tmp_path_factory: pytest.TempPathFactory
         "SD_OPERATOR_IMAGE": "ghcr.io/sd-operator/sd-operator:e2e",
     }
     op = start_operator(cluster, logs / "operator.log", env=env)
-    yield Chain(cluster, True, gw.url, local.cfg.model_url, op)
+    yield Chain(cluster, True, gw.url, op)
     stop_operator(op)
     gw.stop()

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import uuid
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -20,8 +21,9 @@ class Chain:
     cluster: Cluster
     local: bool  # pods run as processes on this machine (their volumes and processes are reachable)
     gateway_url: str
-    model_url: str  # what pods download models from (a Hugging Face compatible host)
     operator: Operator | None = None
+    # Distinguishes this session's prompts from earlier ones: the gateway caches results.
+    run_id: str = field(default_factory=lambda: uuid.uuid4().hex[:8])
 
     def require_local(self) -> None:
         if not self.local:

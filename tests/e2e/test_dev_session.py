@@ -65,6 +65,7 @@ def session_processes(state: Path) -> list[str]:
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="make dev needs root (network and mount namespaces)")
+@pytest.mark.skipif(bool(os.environ.get("KUBECONFIG")), reason="make dev is this machine's tooling, not the cluster's")
 def test_dev_session_prints_three_commands_that_work_and_stops_clean(tmp_path: Path) -> None:
     state = tmp_path / "state"
     gateway_port = free_port()

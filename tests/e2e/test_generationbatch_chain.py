@@ -71,7 +71,11 @@ def test_two_hundred_items_across_two_instances_survive_a_killed_runner(
         "spec": {
             "target": {"model": CHECKPOINT},
             "defaults": {"width": 512, "height": 512, "steps": 20, "seed": 1000},
-            "items": {"inline": [{"prompt": f"a lighthouse, variation {i}", "count": 10} for i in range(ITEMS // 10)]},
+            "items": {
+                "inline": [
+                    {"prompt": f"a lighthouse, variation {i}, {namespace}", "count": 10} for i in range(ITEMS // 10)
+                ]
+            },
             "concurrency": 4,
             "retries": 3,
             "output": {"pvc": {"claimName": "outputs", "path": "runs/twohundred"}, "format": "png", "metadata": True},
@@ -122,4 +126,4 @@ def test_two_hundred_items_across_two_instances_survive_a_killed_runner(
             with Image.open(png) as im:
                 assert im.format == "PNG" and im.size == (512, 512)
         meta = json.loads(sidecars[0].read_text())
-        assert meta["prompt"].startswith("a lighthouse") and CHECKPOINT.removesuffix(".safetensors") in json.dumps(meta)
+        assert meta["prompt"].startswith("lighthouse") and CHECKPOINT.removesuffix(".safetensors") in json.dumps(meta)

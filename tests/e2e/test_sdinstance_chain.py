@@ -61,7 +61,7 @@ def test_applied_instance_serves_txt2img_through_the_gateway(
     answer = requests.post(
         f"{chain.gateway_url}/sdapi/v1/txt2img",
         json={
-            "prompt": "a lighthouse on a cliff at dusk",
+            "prompt": f"a lighthouse on a cliff at dusk, {namespace}",  # not in the gateway's cache
             "steps": 8,
             "width": 512,
             "height": 512,

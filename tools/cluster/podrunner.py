@@ -667,6 +667,13 @@ class PodWorker(threading.Thread):
             self.runner.ips.give_back(self.ip)
             self.ip = ""
         if not self.runner.stopping.is_set() and not self.gone:
+            # As the kubelet: a deleted pod reaches a terminal phase first, so a controller that holds it
+            # with a finalizer (the Job controller's job tracking) counts it and lets it go.
+            if self.phase not in ("Succeeded", "Failed"):
+                codes = [c.state.get("terminated", {}).get("exitCode") for c in self.containers]
+                self.phase = "Succeeded" if codes and all(code == 0 for code in codes) else "Failed"
+                with contextlib.suppress(ApiException, Deleted):
+                    self.publish()
             with contextlib.suppress(ApiException):
                 self.runner.core.delete_namespaced_pod(
                     self.name,
