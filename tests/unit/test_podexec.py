@@ -245,3 +245,26 @@ def test_program_is_found_on_the_specs_path(tmp_path: Path, pod: dict[str, Path]
     }
     result = run(spec, tmp_path)
     assert (result.returncode, result.stdout) == (0, "pod-tool a b c\n"), result.stderr
+
+
+def test_kept_paths_stay_visible_under_a_volume(tmp_path: Path, pod: dict[str, Path]) -> None:
+    """A checkout under /tmp still runs in a pod whose emptyDir covers /tmp: `keep` binds it back, read-only."""
+    checkout = tmp_path / "checkout"
+    checkout.mkdir()
+    (checkout / "tool.sh").write_text("echo from the checkout\n")
+    covering = tmp_path / "empty-tmp"
+    covering.mkdir()
+    spec = {
+        "root": str(pod["root"]),
+        "mounts": [{"source": str(covering), "target": str(tmp_path)}],
+        "argv": ["sh", "-c", f"sh {checkout}/tool.sh; touch {checkout}/new 2>/dev/null || echo read-only"],
+        "env": ENV,
+        "keep": [str(checkout)],
+    }
+    done = run(spec, tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines() == ["from the checkout", "read-only"]
+    assert not (checkout / "new").exists()
+    spec["keep"] = []
+    hidden = run(spec, tmp_path)
+    assert "from the checkout" not in hidden.stdout  # without keep, the volume hides it

@@ -3,7 +3,7 @@
     python podexec.py SPEC.json
 
 SPEC: {"root": dir, "mounts": [{"source", "target", "readOnly"}], "argv": [...], "env": {...},
-"workingDir": str|null}.
+"workingDir": str|null, "keep": [host paths that must stay visible, read-only]}.
 
 The process gets a mount namespace of its own whose root is a tmpfs at `root` mirroring the host's
 top-level entries (bind mounts and symlinks), with each volume bound at its mount path, and then
@@ -135,6 +135,11 @@ def main(spec_path: str) -> None:
     # Parents first, so a volume inside another volume lands on top of it.
     for m in sorted(spec["mounts"], key=lambda m: m["target"].count("/")):
         view.bind(m["source"], m["target"], bool(m.get("readOnly")))
+    # The programs themselves (the checkout, its virtualenv, the Python it points to) stay visible even
+    # where a volume covers their parent, e.g. a checkout under /tmp in a pod with an emptyDir at /tmp.
+    for path in spec.get("keep") or []:
+        if any(path == v or path.startswith(v + "/") for v in view.volumes):
+            view.bind(path, path, read_only=True)
     os.chroot(view.root)
     os.chdir(spec.get("workingDir") or "/")
     argv, env = spec["argv"], spec["env"]

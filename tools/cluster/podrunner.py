@@ -350,6 +350,7 @@ class Container:
             "argv": argv,
             "env": env,
             "workingDir": self.spec.get("workingDir"),
+            "keep": sorted({str(REPO), sys.prefix, sys.base_prefix}),
         }
         spec_path = self.dir / "exec.json"
         spec_path.write_text(json.dumps(spec))
