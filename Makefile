@@ -79,7 +79,9 @@ integration: deps venv tools ## integration tests on a real local cluster (or th
 e2e: deps venv tools ## end-to-end: real pods' commands, downloads, gateway, batches, training
 	@if [ -n "$$KUBECONFIG" ]; then $(PY) -m pytest tests/e2e; else tools/netns.sh $(PY) -m pytest tests/e2e; fi
 
-test: deps venv tools lint unit integration e2e ## everything CI runs
+# The two cluster suites side by side (separate clusters; logs printed whole, one after the other).
+test: deps venv tools lint unit ## everything CI runs: lint, unit, then integration and e2e side by side
+	@bash tools/parallel.sh "$(MAKE) --no-print-directory integration" "$(MAKE) --no-print-directory e2e"
 
 bench: deps venv tools ## benchmarks (numbers for the closing notes; not run by `make test`)
 	$(PY) bench/sdinstances.py --count 200 --idle-seconds 60

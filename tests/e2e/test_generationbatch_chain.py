@@ -71,6 +71,7 @@ def test_two_hundred_items_across_two_instances_survive_a_killed_runner(
         "spec": {
             "target": {"model": CHECKPOINT},
             "defaults": {"width": 512, "height": 512, "steps": 20, "seed": 1000},
+            # The namespace in the prompts: nothing an earlier run left in the gateway's cache matches.
             "items": {
                 "inline": [
                     {"prompt": f"a lighthouse, variation {i}, {namespace}", "count": 10} for i in range(ITEMS // 10)
@@ -126,4 +127,5 @@ def test_two_hundred_items_across_two_instances_survive_a_killed_runner(
             with Image.open(png) as im:
                 assert im.format == "PNG" and im.size == (512, 512)
         meta = json.loads(sidecars[0].read_text())
-        assert meta["prompt"].startswith("lighthouse") and CHECKPOINT.removesuffix(".safetensors") in json.dumps(meta)
+        assert meta["prompt"] == f"a lighthouse, variation 0, {namespace}"
+        assert CHECKPOINT.removesuffix(".safetensors") in json.dumps(meta)
