@@ -11,7 +11,8 @@ CLUSTER   := $(PY) tools/cluster/localcluster.py
 export PATH := $(BIN):$(VENV)/bin:$(PATH)
 
 # Debian packages the tooling needs: openssl (cluster PKI), redis-server (cache tests), nginx (benchmark baseline).
-APT_PACKAGES := openssl redis-server nginx-light
+# iproute2 and util-linux: the local pod runner's addresses (ip) and namespaces (unshare, tools/netns.sh).
+APT_PACKAGES := openssl redis-server nginx-light iproute2 util-linux
 
 .PHONY: help deps venv constraints tools crds cluster-up cluster-down cluster-status cluster-clean dev dev-down lint unit e2e \
         integration test bench images dist clean
