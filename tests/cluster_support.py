@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import requests
-from kubernetes import client
+from kubernetes import client, config
 
 from helpers import wait_for
 
@@ -43,6 +43,15 @@ class Cluster:
     def kwok_nodes(self) -> list[client.V1Node]:
         nodes = self.core.list_node().items
         return [n for n in nodes if (n.metadata.annotations or {}).get("kwok.x-k8s.io/node") == "fake"]
+
+
+def cluster_from_kubeconfig() -> Cluster | None:
+    """The cluster named by KUBECONFIG (its first file), or None when that is unset."""
+    named = os.environ.get("KUBECONFIG")
+    if not named:
+        return None
+    path = Path(named.split(os.pathsep)[0])
+    return Cluster(path, config.new_client_from_config(config_file=str(path)), None)
 
 
 @dataclass

@@ -6,12 +6,10 @@ cluster-up`'s), otherwise a fresh local cluster on free 127.0.0.1 ports that is 
 
 from __future__ import annotations
 
-import os
 import re
 import subprocess
 import uuid
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 import yaml
@@ -19,16 +17,15 @@ from kubernetes import client, config
 from kubernetes.client.rest import ApiException
 
 import localcluster  # tools/cluster, on pytest's pythonpath
-from cluster_support import ROOT, Cluster, Operator, start_operator, stop_operator
+from cluster_support import ROOT, Cluster, Operator, cluster_from_kubeconfig, start_operator, stop_operator
 from helpers import wait_for
 
 
 @pytest.fixture(scope="session")
 def cluster() -> Iterator[Cluster]:
-    named = os.environ.get("KUBECONFIG")
+    named = cluster_from_kubeconfig()
     if named:
-        path = Path(named.split(os.pathsep)[0])
-        yield Cluster(path, config.new_client_from_config(config_file=str(path)), None)
+        yield named
         return
     with localcluster.temporary_cluster() as local:
         api = config.new_client_from_config(config_file=str(local.cfg.kubeconfig))

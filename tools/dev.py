@@ -177,17 +177,24 @@ class Session:
 
     def down(self) -> None:
         for name, proc in reversed(list(self.procs.items())):
-            if proc.poll() is None:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(proc.pid, signal.SIGTERM)
-                try:
-                    proc.wait(timeout=30)
-                except subprocess.TimeoutExpired:
-                    os.killpg(proc.pid, signal.SIGKILL)
-                    proc.wait()
+            stop_group(proc, timeout=30)
             log(f"stopped the {name}")
         self.cluster.down()
         log("cluster down")
+
+
+def stop_group(proc: subprocess.Popen[bytes], timeout: float) -> None:
+    """SIGTERM to the process's group, SIGKILL after `timeout` seconds."""
+    if proc.poll() is not None:
+        return
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
 
 
 def local_blocker(doc: dict[str, Any]) -> str | None:
@@ -338,14 +345,7 @@ def up() -> int:
                 (DEV / "ready").rename(DEV / "ready.shown")
             time.sleep(0.3)
     finally:
-        if inner.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(inner.pid, signal.SIGTERM)
-            try:
-                inner.wait(timeout=120)
-            except subprocess.TimeoutExpired:
-                os.killpg(inner.pid, signal.SIGKILL)
-                inner.wait()
+        stop_group(inner, timeout=120)
         if forward is not None:
             forward.terminate()
             forward.wait()

@@ -18,14 +18,13 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 from e2e_support import Chain
 from kubernetes import config
 
 import localcluster
-from cluster_support import ROOT, Cluster, start_operator, stop_operator
+from cluster_support import ROOT, Cluster, cluster_from_kubeconfig, start_operator, stop_operator
 from processes import BIN, _start
 
 LOCAL_FLEET = ROOT / "tools/cluster/fleet-local.yaml"
@@ -37,10 +36,9 @@ def _in_loopback_netns() -> bool:
 
 @pytest.fixture(scope="session")
 def cluster() -> Iterator[Cluster]:
-    named = os.environ.get("KUBECONFIG")
+    named = cluster_from_kubeconfig()
     if named:
-        path = Path(named.split(os.pathsep)[0])
-        yield Cluster(path, config.new_client_from_config(config_file=str(path)), None)
+        yield named
         return
     if not _in_loopback_netns():
         pytest.fail("the local end-to-end suite runs inside a loopback-only network namespace: `make e2e`")

@@ -91,3 +91,23 @@ def wait_phase(
 def webui_pods(chain: Chain, namespace: str, name: str) -> list[client.V1Pod]:
     pods = chain.cluster.core.list_namespaced_pod(namespace, label_selector=f"sd-operator.dev/instance={name}").items
     return [p for p in pods if not p.metadata.deletion_timestamp]
+
+
+def claims(chain: Chain, namespace: str, names: list[str]) -> None:
+    """Claims of the default StorageClass (no storageClassName): the runner provisions a folder each."""
+    core = chain.cluster.core
+    for name in names:
+        core.create_namespaced_persistent_volume_claim(
+            namespace,
+            {
+                "apiVersion": "v1",
+                "kind": "PersistentVolumeClaim",
+                "metadata": {"name": name},
+                "spec": {"accessModes": ["ReadWriteMany"], "resources": {"requests": {"storage": "1Gi"}}},
+            },
+        )
+
+    def bound() -> bool:
+        return all(core.read_namespaced_persistent_volume_claim(n, namespace).status.phase == "Bound" for n in names)
+
+    wait_for(bound, timeout=60, what=f"claims {names} to be provisioned and bound")

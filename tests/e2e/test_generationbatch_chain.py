@@ -9,7 +9,7 @@ import signal
 from pathlib import Path
 
 import requests
-from e2e_support import GROUP, VERSION, Chain, get, instance, wait_phase, webui_pods
+from e2e_support import GROUP, VERSION, Chain, claims, get, instance, wait_phase, webui_pods
 from kubernetes import client
 from PIL import Image
 
@@ -18,23 +18,6 @@ from modelserver import stand_in_sha256
 
 CHECKPOINT = "e2e-batch-sd15.safetensors"
 ITEMS = 200
-
-
-def claim(core: client.CoreV1Api, namespace: str, name: str) -> None:
-    core.create_namespaced_persistent_volume_claim(
-        namespace,
-        {
-            "apiVersion": "v1",
-            "kind": "PersistentVolumeClaim",
-            "metadata": {"name": name},
-            "spec": {"accessModes": ["ReadWriteMany"], "resources": {"requests": {"storage": "1Gi"}}},
-        },
-    )
-    wait_for(
-        lambda: core.read_namespaced_persistent_volume_claim(name, namespace).status.phase == "Bound",
-        timeout=60,
-        what=f"claim {name} to bind",
-    )
 
 
 def finished_items(folder: Path) -> set[int]:
@@ -63,7 +46,7 @@ def test_two_hundred_items_across_two_instances_survive_a_killed_runner(
 
     wait_for(both_discovered, timeout=60, what="the gateway to discover both instances")
 
-    claim(chain.cluster.core, namespace, "outputs")
+    claims(chain, namespace, ["outputs"])
     batch = {
         "apiVersion": f"{GROUP}/{VERSION}",
         "kind": "GenerationBatch",

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import requests
-from e2e_support import Chain, get, instance, wait_phase, webui_pods
+from e2e_support import Chain, claims, get, instance, wait_phase, webui_pods
 from kubernetes import client
 from PIL import Image
 from safetensors import safe_open
@@ -29,26 +29,6 @@ EPOCHS = 3
 SUBSET = f"5_{TRIGGER} style"
 PROMPTS = ["a lighthouse on a cliff at dusk", "portrait of an old sailor"]
 WEIGHTS = [0.5, 1.0]
-
-
-def claims(chain: Chain, namespace: str, names: list[str]) -> None:
-    """Claims of the default StorageClass (no storageClassName): the runner provisions a folder each."""
-    core = chain.cluster.core
-    for name in names:
-        core.create_namespaced_persistent_volume_claim(
-            namespace,
-            {
-                "apiVersion": "v1",
-                "kind": "PersistentVolumeClaim",
-                "metadata": {"name": name},
-                "spec": {"accessModes": ["ReadWriteMany"], "resources": {"requests": {"storage": "1Gi"}}},
-            },
-        )
-
-    def bound() -> bool:
-        return all(core.read_namespaced_persistent_volume_claim(n, namespace).status.phase == "Bound" for n in names)
-
-    wait_for(bound, timeout=60, what=f"claims {names} to be provisioned and bound")
 
 
 def write_dataset(root: Path) -> list[str]:
