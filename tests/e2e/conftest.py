@@ -30,17 +30,13 @@ from processes import BIN, _start
 LOCAL_FLEET = ROOT / "tools/cluster/fleet-local.yaml"
 
 
-def _in_loopback_netns() -> bool:
-    return localcluster._loopback_only()
-
-
 @pytest.fixture(scope="session")
 def cluster() -> Iterator[Cluster]:
     named = cluster_from_kubeconfig()
     if named:
         yield named
         return
-    if not _in_loopback_netns():
+    if not localcluster.loopback_only():
         pytest.fail("the local end-to-end suite runs inside a loopback-only network namespace: `make e2e`")
     with localcluster.temporary_cluster(fleet_file=LOCAL_FLEET, runner=True) as local:
         api = config.new_client_from_config(config_file=str(local.cfg.kubeconfig))

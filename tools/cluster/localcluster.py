@@ -410,7 +410,7 @@ def commands(cfg: ClusterConfig) -> dict[str, list[str]]:
 # Processes
 
 
-def _loopback_only() -> bool:
+def loopback_only() -> bool:
     """Inside a network namespace whose only interface is lo (tools/netns.sh)."""
     out = subprocess.run(["ip", "-o", "link", "show"], capture_output=True, text=True, check=False).stdout
     return [line.split(":")[1].strip().split("@")[0] for line in out.splitlines() if line.strip()] == ["lo"]
@@ -481,7 +481,7 @@ class LocalCluster:
         self.check_binaries()
         if self.running():
             raise ClusterError(f"a cluster is already running from {cfg.workdir} (`make cluster-down` first)")
-        if cfg.runner and not _loopback_only():
+        if cfg.runner and not loopback_only():
             raise ClusterError("--runner needs a loopback-only network namespace: run this through tools/netns.sh")
         busy = [p for p in cfg.ports.all() if _port_open(cfg.host, p)]
         if busy:

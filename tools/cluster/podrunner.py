@@ -42,6 +42,7 @@ import yaml
 from kubernetes import client, config, watch
 from kubernetes.client.rest import ApiException
 
+from localcluster import loopback_only
 from podplan import (
     PodError,
     Program,
@@ -78,13 +79,6 @@ def micro_now() -> str:
 
 class Deleted(Exception):
     """The pod is being deleted (or is gone): unwind and stop its processes."""
-
-
-def loopback_only() -> bool:
-    """True inside a network namespace whose only interface is lo (what tools/netns.sh makes)."""
-    links = subprocess.run(["ip", "-o", "link", "show"], capture_output=True, text=True, check=True).stdout
-    names = [line.split(":")[1].strip().split("@")[0] for line in links.splitlines() if line.strip()]
-    return names == ["lo"]
 
 
 class IPPool:
@@ -124,6 +118,7 @@ class Runner:
         self.core = client.CoreV1Api(api)
         self.coord = client.CoordinationV1Api(api)
         self.nodes: dict[str, dict[str, str]] = {}  # name -> labels
+        self.server_version = ""
         self.workers: dict[str, PodWorker] = {}
         self.stopping = threading.Event()
 
@@ -139,7 +134,7 @@ class Runner:
 
     def heartbeat(self) -> None:
         """Node Ready and a renewed Lease, as a kubelet reports every 10 s."""
-        version = client.VersionApi(self.api).get_code().git_version
+        version = self.server_version
         for name in list(self.nodes):
             stamp = now()
             conditions = [
@@ -243,23 +238,31 @@ class Runner:
                 with contextlib.suppress(ApiException):
                     self.core.delete_persistent_volume(pv.metadata.name)
 
-    def lookup(self, kind: str, namespace: str, name: str) -> dict[str, str] | None:
+    def read_keys(self, kind: str, namespace: str, name: str) -> dict[str, bytes] | None:
+        """A ConfigMap's (data and binaryData) or Secret's keys as the bytes a volume holds; None if missing."""
         try:
             if kind == "configmap":
                 cm = self.core.read_namespaced_config_map(name, namespace)
-                data = dict(cm.data or {})
-                data.update({k: base64.b64decode(v).decode("latin-1") for k, v in (cm.binary_data or {}).items()})
-                return data
+                keys = {k: v.encode("utf-8") for k, v in (cm.data or {}).items()}
+                keys.update({k: base64.b64decode(v) for k, v in (cm.binary_data or {}).items()})
+                return keys
             secret = self.core.read_namespaced_secret(name, namespace)
-            return {k: base64.b64decode(v).decode("utf-8", "replace") for k, v in (secret.data or {}).items()}
+            return {k: base64.b64decode(v) for k, v in (secret.data or {}).items()}
         except ApiException as e:
             if e.status == 404:
                 return None
             raise
 
+    def lookup(self, kind: str, namespace: str, name: str) -> dict[str, str] | None:
+        """The same keys as text, for environment variables."""
+        keys = self.read_keys(kind, namespace, name)
+        return None if keys is None else {k: v.decode("utf-8", "replace") for k, v in keys.items()}
+
     # -- pods --------------------------------------------------------------------------------
 
     def run(self) -> None:
+        # Reported as the nodes' kubelet version (asked once: it does not change while this runs).
+        self.server_version = str(client.VersionApi(self.api).get_code().git_version)
         self.refresh_nodes()
         threading.Thread(target=self.node_loop, name="nodes", daemon=True).start()
         while not self.stopping.is_set():
@@ -760,7 +763,7 @@ class PodWorker(threading.Thread):
         return volumes
 
     def write_keys(self, path: Path, kind: str, name: str, items: list[dict] | None, optional: bool) -> None:
-        data = self.runner.lookup(kind, self.namespace, name)
+        data = self.runner.read_keys(kind, self.namespace, name)
         if data is None:
             if optional:
                 path.mkdir(parents=True, exist_ok=True)
@@ -773,7 +776,7 @@ class PodWorker(threading.Thread):
                 raise PodError("FailedMount", f'{kind} "{name}" has no key "{key}"')
             target = path / rel
             target.parent.mkdir(parents=True, exist_ok=True)
-            target.write_bytes(data[key].encode("latin-1" if kind == "configmap" else "utf-8", "replace"))
+            target.write_bytes(data[key])
 
     def project(self, path: Path, source: dict[str, Any]) -> None:
         if "serviceAccountToken" in source:
