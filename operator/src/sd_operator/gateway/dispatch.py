@@ -2,9 +2,18 @@
 
 The WebUI runs one generation at a time, so queueing at the backend only hides work from the
 scheduler. Here every request waits in the gateway until some backend of its model has a free slot
-(`max_inflight`, default 1), then goes to the idle backend expected to finish it soonest. Waiting
-requests are served by priority; within a priority, API keys (tenants) take turns, so one tenant's
-burst cannot starve the others.
+(`max_inflight`, default 1). Waiting requests are served by priority; within a priority, API keys
+(tenants) take turns, so one tenant's burst cannot starve the others.
+
+Which request goes where: a fleet mixes cards 3x apart in speed and requests 10x apart in size, and a
+big request that lands on the slowest card last decides the makespan. So the gateway looks at a small
+window of the next requests in serving order (`window`, default twice the model's backends) and, largest
+first, gives each to the backend expected to *finish* it soonest (earliest completion time, counting
+when a busy backend should be free). A request whose best backend is busy is reserved for it, and the
+next one is considered for the idle backends; when every request of the window is better served by a
+busy backend, the idle ones wait for that release (a list-scheduling rule known as LPT with earliest
+completion). A request passed over `max_skips` times is served next whatever its size, so reordering
+within the window never starves anyone.
 """
 
 from __future__ import annotations
@@ -57,6 +66,7 @@ class Backend:
     completed: int = 0
     last_latency: float | None = None
     removed: bool = False
+    expected_ends: list[float] = field(default_factory=list)  # monotonic time each running request should end
 
     @property
     def ejected(self) -> bool:
@@ -75,6 +85,15 @@ class Backend:
     def expected_seconds(self, units: float, default_speed: float) -> float:
         return units * (self.seconds_per_unit or default_speed)
 
+    def free_at(self, now: float) -> float:
+        """When a slot should be free: now if one is; else the earliest expected end. A request running
+        past its expected end is assumed to need as long again as it is late, so a slow or stuck backend
+        stops attracting reservations."""
+        if self.has_slot or not self.expected_ends:
+            return now
+        end = min(self.expected_ends)
+        return now + (now - end) if end < now else end
+
 
 @dataclass(eq=False)
 class Waiter:
@@ -84,6 +103,7 @@ class Waiter:
     exclude: frozenset[int]
     future: asyncio.Future[Backend]
     enqueued: float = field(default_factory=time.monotonic)
+    skipped: int = 0  # times a request behind it in serving order was bound first
 
 
 class ModelQueue:
@@ -129,9 +149,17 @@ class ModelQueue:
 
 
 class Dispatcher:
-    def __init__(self, max_queue: int = 1000, default_seconds_per_unit: float = 2.0) -> None:
+    def __init__(
+        self,
+        max_queue: int = 1000,
+        default_seconds_per_unit: float = 2.0,
+        window: int | None = None,
+        max_skips: int | None = None,
+    ) -> None:
         self.max_queue = max_queue
         self.default_seconds_per_unit = default_seconds_per_unit
+        self.window = window  # None: twice the model's backends
+        self.max_skips = max_skips  # None: the window size
         self.backends: dict[str, list[Backend]] = {}
         self.queues: dict[str, ModelQueue] = {}
 
@@ -203,6 +231,8 @@ class Dispatcher:
 
     def release(self, backend: Backend, *, ok: bool, seconds: float | None = None, units: float | None = None) -> None:
         backend.inflight = max(0, backend.inflight - 1)
+        if backend.expected_ends:  # which of its requests ended is not known; the earliest is the best guess
+            backend.expected_ends.remove(min(backend.expected_ends))
         if ok and seconds is not None and units:
             per_unit = seconds / units
             prev = backend.seconds_per_unit
@@ -217,26 +247,65 @@ class Dispatcher:
         queue = self.queues.get(model)
         if not queue or not queue.size:
             return
-        speed = self._speed(model)
-        while True:
-            free = [b for b in self.backends.get(model, []) if b.has_slot]
-            if not free:
-                return
-            chosen, stale = None, []
-            for waiter in queue.candidates():
-                if waiter.future.done():  # cancelled while waiting
-                    stale.append(waiter)
-                    continue
-                usable = [b for b in free if id(b) not in waiter.exclude]
-                if usable:
-                    # The idle backend expected to finish this request soonest.
-                    chosen = (waiter, min(usable, key=lambda b: b.expected_seconds(waiter.units, speed)))
-                    break
-            for waiter in stale:  # removed after the walk: the queue must not change under it
-                queue.remove(waiter)
-            if chosen is None:
-                return
-            waiter, backend = chosen
-            queue.served(waiter)
-            backend.inflight += 1
-            waiter.future.set_result(backend)
+        while any(b.has_slot for b in self.backends.get(model, [])) and self._bind_one(model, queue):
+            pass
+
+    def _window(self, model: str, queue: ModelQueue) -> list[Waiter]:
+        """The next live waiters in serving order, at most `window`; just the head once it was skipped
+        `max_skips` times. Waiters cancelled meanwhile are dropped on the way."""
+        size = self.window or 2 * len(self.backends.get(model, []))
+        out, stale = [], []
+        for waiter in queue.candidates():
+            if waiter.future.done():  # cancelled while waiting
+                stale.append(waiter)
+                continue
+            out.append(waiter)
+            if len(out) >= size:
+                break
+        for waiter in stale:  # removed after the walk: the queue must not change under it
+            queue.remove(waiter)
+        if out and out[0].skipped >= (self.max_skips or size):
+            return out[:1]
+        return out
+
+    def _bind_one(self, model: str, queue: ModelQueue) -> bool:
+        """Binds one waiter to an idle backend (see the module docstring); False when none should be."""
+        backends = [b for b in self.backends.get(model, []) if not b.removed and not b.ejected]
+        window = self._window(model, queue)
+        if not window:
+            return False
+        now, speed = time.monotonic(), self._speed(model)
+        free_at = {id(b): b.free_at(now) for b in backends}
+        # Higher priority first, then largest first; sorted() is stable, so equal ones keep serving order.
+        for waiter in sorted(window, key=lambda w: (-w.priority, -w.units)):
+            usable = [b for b in backends if id(b) not in waiter.exclude]
+            if not usable:
+                continue
+            # Earliest completion; on a tie the idle backend.
+            best = min(usable, key=lambda b: (free_at[id(b)] + b.expected_seconds(waiter.units, speed), not b.has_slot))
+            if best.has_slot:
+                self._bind(queue, window, waiter, best, now, speed)
+                return True
+            free_at[id(best)] += best.expected_seconds(waiter.units, speed)  # reserved for that busy backend
+        # Everything in the window is better served by a busy backend: the idle ones wait for its release
+        # (which dispatches again). Only an idle backend that no waiter of the window may use (retries
+        # exclude the backends they failed on) goes to the first waiter behind the window that can.
+        idle = [b for b in backends if b.has_slot and all(id(b) in w.exclude for w in window)]
+        if idle:
+            for waiter in itertools.islice(queue.candidates(), len(window), None):
+                usable = [b for b in idle if id(b) not in waiter.exclude]
+                if usable and not waiter.future.done():
+                    best = min(usable, key=lambda b: b.expected_seconds(waiter.units, speed))
+                    self._bind(queue, window, waiter, best, now, speed)
+                    return True
+        return False
+
+    def _bind(
+        self, queue: ModelQueue, window: list[Waiter], waiter: Waiter, backend: Backend, now: float, speed: float
+    ) -> None:
+        for ahead in itertools.takewhile(lambda w: w is not waiter, window):
+            ahead.skipped += 1
+        queue.served(waiter)
+        backend.inflight += 1
+        backend.expected_ends.append(now + backend.expected_seconds(waiter.units, speed))
+        waiter.future.set_result(backend)
