@@ -163,3 +163,137 @@ def test_token_bucket_rate_limit() -> None:
     assert tenant.allow(now=100.0) == 0 and tenant.allow(now=100.0) == 0
     assert tenant.allow(now=100.0) == 0.5  # empty: the next token comes in 1/rate seconds
     assert tenant.allow(now=100.5) == 0
+
+
+def _fleet(d: Dispatcher, **speeds: float) -> dict[str, Backend]:
+    """Backends named by their learned seconds per unit, all of model m."""
+    out = {}
+    for name, spu in speeds.items():
+        b = Backend(f"http://{name}", "m")
+        b.seconds_per_unit = spu
+        d.add(b)
+        out[name] = b
+    return out
+
+
+async def _occupy(d: Dispatcher, *backends: Backend, units: float = 1.0) -> None:
+    """Binds one request to each backend (idle ones, in the given order)."""
+    for b in backends:
+        got = await d.acquire("m", units=units, exclude=[o for o in d.all_backends() if o is not b])
+        assert got is b
+
+
+def test_the_big_request_goes_to_the_fast_card_and_the_small_one_to_the_slow_card() -> None:
+    async def scenario() -> dict[str, str]:
+        d = Dispatcher()
+        f = _fleet(d, slow=3.0, fast=1.0)
+        await _occupy(d, f["fast"], f["slow"])
+        got: dict[str, str] = {}
+
+        async def req(tag: str, units: float) -> None:
+            got[tag] = (await d.acquire("m", units=units)).url
+
+        tasks = [asyncio.create_task(req("small", 1)), asyncio.create_task(req("big", 6))]
+        await _settle()
+        d.release(f["fast"], ok=True)  # the fast card frees first: it takes the big one, not the head
+        await _settle()
+        assert got == {"big": "http://fast"}
+        d.release(f["slow"], ok=True)
+        await asyncio.gather(*tasks)
+        return got
+
+    assert run(scenario()) == {"big": "http://fast", "small": "http://slow"}
+
+
+def test_an_idle_slow_card_waits_when_a_busy_fast_card_finishes_the_request_sooner() -> None:
+    async def scenario() -> tuple[bool, str]:
+        d = Dispatcher()
+        f = _fleet(d, slow=4.0, fast=1.0)
+        await _occupy(d, f["fast"], units=0.01)  # expected free in 10 ms
+        big = asyncio.create_task(d.acquire("m", units=5))  # 20 s on the slow card, ~5 s on the fast
+        await _settle()
+        held = not big.done() and f["slow"].state == "idle"
+        d.release(f["fast"], ok=True)
+        return held, (await big).url
+
+    assert run(scenario()) == (True, "http://fast")
+
+
+def test_a_late_backend_stops_attracting_reservations() -> None:
+    async def scenario() -> str:
+        d = Dispatcher()
+        f = _fleet(d, slow=2.0, fast=1.0)
+        await _occupy(d, f["fast"], units=1)
+        f["fast"].expected_ends = [f["fast"].expected_ends[0] - 100]  # it is 100 s past its expected end
+        return (await d.acquire("m", units=5)).url
+
+    assert run(scenario()) == "http://slow"
+
+
+def test_a_request_is_skipped_at_most_max_skips_times() -> None:
+    async def scenario() -> list[str]:
+        d = Dispatcher(max_skips=2)
+        (b,) = _fleet(d, only=1.0).values()
+        await _occupy(d, b)
+        order: list[str] = []
+
+        async def req(tag: str, units: float) -> None:
+            got = await d.acquire("m", units=units)
+            order.append(tag)
+            await asyncio.sleep(0)
+            d.release(got, ok=True)
+
+        tasks = [asyncio.create_task(req("small", 1))]
+        await _settle()
+        tasks += [asyncio.create_task(req(f"big{i}", 4)) for i in range(4)]
+        await _settle()
+        d.release(b, ok=True)
+        await asyncio.gather(*tasks)
+        return order
+
+    # Largest first would leave "small" to the end; after two skips it is served next.
+    assert run(scenario()) == ["big0", "big1", "small", "big2", "big3"]
+
+
+def test_priority_comes_before_size() -> None:
+    async def scenario() -> list[str]:
+        d = Dispatcher()
+        (b,) = _fleet(d, only=1.0).values()
+        await _occupy(d, b)
+        order: list[str] = []
+
+        async def req(tag: str, units: float, priority: int) -> None:
+            got = await d.acquire("m", units=units, priority=priority)
+            order.append(tag)
+            await asyncio.sleep(0)
+            d.release(got, ok=True)
+
+        tasks = [
+            asyncio.create_task(req("big-low", 8, 0)),
+            asyncio.create_task(req("small-high", 1, 5)),
+            asyncio.create_task(req("mid-low", 4, 0)),
+        ]
+        await _settle()
+        d.release(b, ok=True)
+        await asyncio.gather(*tasks)
+        return order
+
+    assert run(scenario()) == ["small-high", "big-low", "mid-low"]
+
+
+def test_an_idle_backend_the_whole_window_excludes_goes_to_a_waiter_behind_it() -> None:
+    async def scenario() -> str:
+        d = Dispatcher(window=1)
+        f = _fleet(d, a=1.0, b=1.0)
+        await _occupy(d, f["a"], f["b"])
+        retry = asyncio.create_task(d.acquire("m", exclude=[f["b"]]))  # a retry that failed on b
+        other = asyncio.create_task(d.acquire("m"))
+        await _settle()
+        d.release(f["b"], ok=True)
+        url = (await other).url
+        assert not retry.done()
+        d.release(f["a"], ok=True)
+        assert (await retry).url == "http://a"
+        return url
+
+    assert run(scenario()) == "http://b"

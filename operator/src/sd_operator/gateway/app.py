@@ -61,7 +61,7 @@ class State:
 
     def __init__(self, cfg: GatewayConfig, dispatcher: Dispatcher | None = None) -> None:
         self.cfg = cfg
-        self.dispatcher = dispatcher or Dispatcher(max_queue=cfg.max_queue)
+        self.dispatcher = dispatcher or Dispatcher(max_queue=cfg.max_queue, window=cfg.dispatch_window or None)
         self.registry = Registry(self.dispatcher)
         presets = PresetStore.load_default()
         if cfg.presets_file:

@@ -13,6 +13,7 @@ class GatewayConfig:
     default_model: str | None = None
     max_queue: int = 1000  # waiting requests per model; beyond it: 429 with Retry-After
     inflight_per_backend: int = 1  # the WebUI renders one request at a time
+    dispatch_window: int = 0  # next requests weighed against each other by size; 0: twice the backends
     retries: int = 2  # other backends tried after a connection error or a 5xx before any byte
     cool_off: float = 10.0  # seconds a failing backend gets no work before it is probed
     request_timeout: float = 900.0

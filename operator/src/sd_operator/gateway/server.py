@@ -90,6 +90,7 @@ def command(args: argparse.Namespace) -> int:
         default_model=args.default_model,
         max_queue=args.max_queue,
         inflight_per_backend=args.inflight,
+        dispatch_window=args.dispatch_window,
         retries=args.retries,
         cool_off=args.cool_off,
         request_timeout=args.request_timeout,
@@ -122,6 +123,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--cache-mib", type=int, default=256, help="in-memory result cache size")
     p.add_argument("--max-queue", type=int, default=1000, help="waiting requests per model before 429")
     p.add_argument("--inflight", type=int, default=1, help="generations per instance at a time")
+    p.add_argument(
+        "--dispatch-window",
+        type=int,
+        default=0,
+        help="waiting requests weighed by size, largest first, for the card that finishes each soonest "
+        "(0: twice the model's instances; 1: strict serving order)",
+    )
     p.add_argument("--retries", type=int, default=2, help="other instances tried when one fails")
     p.add_argument("--cool-off", type=float, default=10.0, help="seconds a failing instance gets no work")
     p.add_argument("--request-timeout", type=float, default=900.0, help="seconds one generation may take")
