@@ -80,12 +80,14 @@ def emulator(
     return proc
 
 
-def gateway(tmp: Path, backends: list[Proc] | list[dict], *args: str, name: str = "gateway") -> Proc:
+def gateway(
+    tmp: Path, backends: list[Proc] | list[dict], *args: str, name: str = "gateway", env: dict[str, str] | None = None
+) -> Proc:
     entries = [b if isinstance(b, dict) else {"url": b.url} for b in backends]
     backends_file = tmp / f"{name}-backends.yaml"
     backends_file.write_text(yaml.safe_dump({"backends": entries}))
     cmd = [str(BIN / "sd-operator"), "gateway", "--port", "0", "--backends-file", str(backends_file), *args]
-    proc = _start(cmd, tmp / f"{name}.log", "GATEWAY_PORT")
+    proc = _start(cmd, tmp / f"{name}.log", "GATEWAY_PORT", env)
     _wait_ok(f"{proc.url}/readyz")
     # Ready means one backend answered; tests want all of them probed and in the rotation.
     deadline = time.monotonic() + 30

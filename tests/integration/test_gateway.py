@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import io
+import json
 import shutil
 import signal
 import socket
@@ -163,14 +164,21 @@ def test_api_keys_auth_and_keys_never_logged(tmp_path: Path, procs: list[Proc]) 
     procs.append(one)
     keys = tmp_path / "keys.yaml"
     keys.write_text("keys:\n  - {key: sk-studio-a-123456, tenant: studio-a, priority: 5}\n")
-    gw = gateway(tmp_path, [one], "--keys-file", str(keys))
+    gw = gateway(tmp_path, [one], "--keys-file", str(keys), "--access-log", env={"SD_LOG_FORMAT": "json"})
     procs.append(gw)
     assert txt2img(gw, MODEL_A).status_code == 401
     assert txt2img(gw, MODEL_A, headers={"Authorization": "Bearer wrong"}).status_code == 401
     ok = txt2img(gw, MODEL_A, headers={"Authorization": "Bearer sk-studio-a-123456"}, seed=3)
     assert ok.status_code == 200
     assert requests.get(f"{gw.url}/healthz", timeout=5).status_code == 200  # open without a key
-    assert "sk-studio-a-123456" not in gw.log.read_text()
+    text = gw.log.read_text()
+    assert "sk-studio-a-123456" not in text
+    # JSON logs with one access line per request; the tenant is named, the key never is.
+    lines = [json.loads(line) for line in text.splitlines() if line.startswith("{")]
+    access = [d for d in lines if d["logger"] == "sd_operator.gateway.access" and d["route"] == "/sdapi/v1/txt2img"]
+    assert [d["status"] for d in access] == [401, 401, 200]
+    assert [d["tenant"] for d in access] == [None, None, "studio-a"]
+    assert access[2]["model"] == MODEL_A and access[2]["instance"] == one.url
 
 
 def test_cache_hits_for_fixed_seeds_only(fleet: dict[str, Any]) -> None:

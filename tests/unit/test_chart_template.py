@@ -346,7 +346,7 @@ def test_gateway_deployment_service_and_pdb() -> None:
     c = container(dep)
     assert c["args"][:4] == ["gateway", "--host=0.0.0.0", "--port=8080", "--kubernetes"]
     assert "--presets-file=/etc/sd-gateway/presets/presets.yaml" in c["args"]
-    assert not any(a.startswith(("--keys-file", "--cache-url", "--namespace")) for a in c["args"])
+    assert not any(a.startswith(("--keys-file", "--cache-url", "--namespace", "--access-log")) for a in c["args"])
     args = build_parser().parse_args(c["args"])
     assert args.kubernetes and args.port == 8080 and args.max_queue == 1000 and args.cool_off == 10
     assert args.host == "0.0.0.0"  # noqa: S104 - a pod listens on its own address
@@ -365,6 +365,14 @@ def test_gateway_deployment_service_and_pdb() -> None:
     assert len(PresetStore.from_yaml(cm["data"]["presets.yaml"])) == 0
 
 
+def test_log_format_reaches_the_operator_and_the_gateway() -> None:
+    for args, expected in (((), "json"), (("--set", "logFormat=plain"), "plain")):
+        objs = render(*args)
+        for name in (OPERATOR, GATEWAY):
+            assert env_of(container(find(objs, "Deployment", name)))["SD_LOG_FORMAT"] == expected
+    assert "logFormat" in render_fails("--set", "logFormat=xml")
+
+
 def test_gateway_tunables_reach_the_cli() -> None:
     dep = find(
         render(
@@ -375,6 +383,10 @@ def test_gateway_tunables_reach_the_cli() -> None:
             "--set",
             "gateway.requestTimeout=120",
             "--set",
+            "gateway.dispatchWindow=3",
+            "--set",
+            "gateway.accessLog=true",
+            "--set",
             "gateway.defaultModel=sd_xl_base_1.0.safetensors",
             "--set",
             "gateway.extraArgs={--retries=5}",
@@ -383,8 +395,8 @@ def test_gateway_tunables_reach_the_cli() -> None:
         GATEWAY,
     )
     args = build_parser().parse_args(container(dep)["args"])
-    assert (args.max_queue, args.cool_off, args.request_timeout) == (50, 2.5, 120.0)
-    assert args.default_model == "sd_xl_base_1.0.safetensors" and args.retries == 5
+    assert (args.max_queue, args.cool_off, args.request_timeout, args.dispatch_window) == (50, 2.5, 120.0, 3)
+    assert args.default_model == "sd_xl_base_1.0.safetensors" and args.retries == 5 and args.access_log
 
 
 def test_gateway_can_be_left_out() -> None:

@@ -72,6 +72,15 @@ def test_s3_output_takes_credentials_from_the_secret() -> None:
     assert gb.output_location(spec, "ns") == "s3://out/p"
 
 
+def test_the_runner_logs_in_the_operators_format() -> None:
+    for fmt in ("json", "plain"):
+        settings = RenderSettings(operator_image="op:1", log_format=fmt)
+        env = gb.render_job(OWNER, batch_spec(), "m", settings, "http://gw")["spec"]["template"]["spec"]["containers"][
+            0
+        ]
+        assert {"name": "SD_LOG_FORMAT", "value": fmt} in env["env"]
+
+
 def job(conditions: list[dict[str, str]] | None = None, **status: Any) -> dict[str, Any]:
     return {"spec": {"suspend": status.pop("suspend", False)}, "status": {"conditions": conditions or [], **status}}
 

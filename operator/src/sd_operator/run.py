@@ -55,7 +55,8 @@ def command(args: argparse.Namespace) -> int:
 
     log.debug("controllers: %s", [c.__name__ for c in (sdinstance, generationbatch, lorajob)])
 
-    kopf.configure(verbose=args.verbose, log_format=kopf.LogFormat.PLAIN, log_prefix=True)
+    log_format = kopf.LogFormat.JSON if getattr(args, "log_format", "plain") == "json" else kopf.LogFormat.PLAIN
+    kopf.configure(verbose=args.verbose, log_format=log_format, log_prefix=True)
     if not args.all_namespaces and not args.namespace:
         raise SystemExit("sd-operator run: give --all-namespaces or at least one --namespace")
     if args.metrics_port:

@@ -27,6 +27,8 @@ class OperatorSettings:
     # Hugging Face sources without their own `endpoint` download from here: a mirror for clusters
     # that cannot reach huggingface.co.
     hf_endpoint: str = DEFAULT_HF_ENDPOINT
+    # Passed on to the runner Jobs, so their logs match the operator's (plain or json).
+    log_format: str = "plain"
 
 
 def parse_hf_endpoint(value: str | None) -> str:
@@ -47,4 +49,5 @@ def operator_settings() -> OperatorSettings:
         image_pull_secrets=[s for s in env.get("SD_IMAGE_PULL_SECRETS", "").split(",") if s],
         gateway_url=env.get("SD_GATEWAY_URL", "http://sd-operator-gateway:8080"),
         hf_endpoint=parse_hf_endpoint(env.get("SD_HF_ENDPOINT")),
+        log_format=env.get("SD_LOG_FORMAT") or "plain",
     )

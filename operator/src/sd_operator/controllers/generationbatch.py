@@ -71,7 +71,9 @@ def _owner(namespace: str, name: str, uid: str, labels: dict[str, str] | None = 
 
 def apply_children(owner: dict[str, Any], raw_spec: dict[str, Any], spec: GenerationBatchSpec, model: str) -> None:
     s = operator_settings()
-    settings = RenderSettings(operator_image=s.operator_image, image_pull_secrets=tuple(s.image_pull_secrets))
+    settings = RenderSettings(
+        operator_image=s.operator_image, image_pull_secrets=tuple(s.image_pull_secrets), log_format=s.log_format
+    )
     for child in [render_configmap(owner, raw_spec), *render_rbac(owner)]:
         kube.apply(child)
     kube.apply(render_job(owner, spec, model, settings, s.gateway_url))

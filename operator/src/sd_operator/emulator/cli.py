@@ -197,7 +197,8 @@ async def serve(config: EmulatorConfig, host: str, port: int, *, print_port: boo
 
 def command(args: argparse.Namespace) -> int:
     level = (args.loglevel or os.environ.get("SD_WEBUI_LOG_LEVEL") or "INFO").upper()
-    logging.basicConfig(level=level, format=f"%(asctime)s {EMULATOR_NAME} %(levelname)s %(message)s", stream=sys.stderr)
+    fmt = f"%(asctime)s {EMULATOR_NAME} %(levelname)s %(message)s"  # like the WebUI, whatever --log-format says
+    logging.basicConfig(level=level, format=fmt, stream=sys.stderr, force=True)
     try:
         config = build_config(args)
     except EmulatorError as e:

@@ -35,6 +35,7 @@ from sd_operator.gateway.presets import PresetStore, UnknownPreset
 from sd_operator.gateway.registry import Registry, UnknownModel, probe
 
 log = logging.getLogger("sd_operator.gateway")
+access_log = logging.getLogger("sd_operator.gateway.access")
 OPEN_PATHS = {"/healthz", "/readyz", "/metrics", "/openapi.json"}
 HOP_HEADERS = {"connection", "keep-alive", "transfer-encoding", "content-length", "content-encoding", "server", "date"}
 CHUNK = 256 * 1024
@@ -121,6 +122,29 @@ def _state(request: web.Request) -> State:
 @web.middleware
 async def auth_middleware(request: web.Request, handler: Any) -> web.StreamResponse:
     state = _state(request)
+    start = time.perf_counter()
+    response = await _authorised(state, request, handler)
+    seconds = time.perf_counter() - start
+    route = request.match_info.route.resource.canonical if request.match_info.route.resource else "other"
+    m.requests.labels(route, str(response.status)).inc()
+    m.request_seconds.labels(route).observe(seconds)
+    if state.cfg.access_log:
+        tenant = request.get("tenant")
+        fields = {
+            "method": request.method,
+            "route": route,
+            "status": response.status,
+            "seconds": round(seconds, 4),
+            "tenant": tenant.name if tenant else None,  # the tenant, never the key
+            "model": request.get("model"),
+            "instance": response.headers.get("X-SD-Backend"),
+            "cache": response.headers.get("X-Cache"),
+        }
+        access_log.info("%s %s %s %.3fs", request.method, request.path, response.status, seconds, extra=fields)
+    return response
+
+
+async def _authorised(state: State, request: web.Request, handler: Any) -> web.StreamResponse:
     tenant: Tenant | None = ANONYMOUS
     if request.path not in OPEN_PATHS and state.keys.enabled:
         tenant = state.keys.lookup(presented_key(request.headers))
@@ -128,14 +152,10 @@ async def auth_middleware(request: web.Request, handler: Any) -> web.StreamRespo
             return error(401, "a valid API key is required (Authorization: Bearer <key>)", "Unauthorized")
         wait = tenant.allow()
         if wait > 0:
+            request["tenant"] = tenant
             return error(429, f"rate limit of {tenant.rate_limit:g}/s exceeded", "RateLimited", retry_after=wait)
     request["tenant"] = tenant
-    start = time.perf_counter()
-    response = await handler(request)
-    route = request.match_info.route.resource.canonical if request.match_info.route.resource else "other"
-    m.requests.labels(route, str(response.status)).inc()
-    m.request_seconds.labels(route).observe(time.perf_counter() - start)
-    return response
+    return await handler(request)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -173,6 +193,7 @@ async def generate(request: web.Request, path: str, payload: dict[str, Any], raw
         model = _model_for(state, request, payload)
     except UnknownModel as e:
         return error(404 if e.available else 503, str(e), "UnknownModel")
+    request["model"] = model
     settings = payload.get("override_settings")
     if isinstance(settings, dict) and "sd_model_checkpoint" in settings:
         # The model was picked by routing; the backend must not try to load anything else.

@@ -25,4 +25,5 @@ class GatewayConfig:
     cache_bytes: int = 256 * 1024 * 1024
     kubernetes: bool = False  # discover SDInstances and their EndpointSlices
     namespaces: tuple[str, ...] = ()
+    access_log: bool = False  # a log line per request (never the key)
     priority_header: bool = True  # honour X-Priority from callers (capped by their key's priority)

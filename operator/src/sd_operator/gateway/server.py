@@ -83,7 +83,6 @@ async def serve(cfg: GatewayConfig, ready: asyncio.Event | None = None) -> None:
 
 
 def command(args: argparse.Namespace) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     cfg = GatewayConfig(
         host=args.host,
         port=args.port,
@@ -102,6 +101,7 @@ def command(args: argparse.Namespace) -> int:
         cache_bytes=args.cache_mib * 1024 * 1024,
         kubernetes=args.kubernetes,
         namespaces=tuple(args.namespace or ()),
+        access_log=args.access_log,
     )
     if not cfg.backends_file and not cfg.kubernetes:
         raise SystemExit("sd-operator gateway: give --backends-file or --kubernetes (or both)")
@@ -134,6 +134,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--cool-off", type=float, default=10.0, help="seconds a failing instance gets no work")
     p.add_argument("--request-timeout", type=float, default=900.0, help="seconds one generation may take")
     p.add_argument("--max-body-mib", type=int, default=64, help="largest request body")
+    p.add_argument("--access-log", action="store_true", help="log one line per request (never the API key)")
     p.set_defaults(func=command)
 
 

@@ -149,7 +149,10 @@ def render_job(
                 "readOnly": True,
             }
         )
-    env: list[dict[str, Any]] = [{"name": "SD_BATCH_NAME", "value": meta["name"]}]
+    env: list[dict[str, Any]] = [
+        {"name": "SD_BATCH_NAME", "value": meta["name"]},
+        {"name": "SD_LOG_FORMAT", "value": settings.log_format},
+    ]
     if spec.output.pvc:
         out: dict[str, Any] = {"name": "output", "mountPath": OUTPUT_DIR}
         if spec.output.pvc.path:

@@ -62,6 +62,7 @@ class RenderSettings:
     extra_pod_labels: dict[str, str] = field(default_factory=dict)
     # For huggingFace sources without their own endpoint (SD_HF_ENDPOINT: a mirror when air-gapped).
     hf_endpoint: str = HF_ENDPOINT
+    log_format: str = "plain"  # SD_LOG_FORMAT of the runner Jobs: the operator's own
 
 
 def child_name(instance: str) -> str:
