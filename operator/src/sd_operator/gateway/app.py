@@ -286,17 +286,22 @@ async def _forward(
             headers["X-SD-Backend"] = backend.instance or backend.url
             if attempt:
                 headers["X-SD-Attempts"] = str(attempt + 1)
-            response = web.StreamResponse(status=upstream.status, headers=headers)
-            if upstream.content_length is not None:
-                response.content_length = upstream.content_length
-            await response.prepare(request)
             keep = key is not None and upstream.status == 200
             parts: list[bytes] = []
-            async for chunk in upstream.content.iter_chunked(CHUNK):
-                await response.write(chunk)
-                if keep:
-                    parts.append(chunk)
-            await response.write_eof()
+            if upstream.content_length is not None and upstream.content_length <= CHUNK:
+                # A small answer goes out in one piece (headers and body in one write).
+                parts.append(await upstream.read())
+                response = web.Response(status=upstream.status, headers=headers, body=parts[0])
+            else:
+                response = web.StreamResponse(status=upstream.status, headers=headers)
+                if upstream.content_length is not None:
+                    response.content_length = upstream.content_length
+                await response.prepare(request)
+                async for chunk in upstream.content.iter_chunked(CHUNK):
+                    await response.write(chunk)
+                    if keep:
+                        parts.append(chunk)
+                await response.write_eof()
         seconds = time.perf_counter() - started
         state.dispatcher.release(backend, ok=True, seconds=seconds, units=units)
         m.service_seconds.labels(backend.model).observe(seconds)

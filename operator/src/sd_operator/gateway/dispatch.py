@@ -74,7 +74,7 @@ class Backend:
 
     @property
     def has_slot(self) -> bool:
-        return not self.removed and not self.ejected and self.inflight < self.max_inflight
+        return self.inflight < self.max_inflight and not self.removed and not self.ejected
 
     @property
     def state(self) -> str:
@@ -214,10 +214,19 @@ class Dispatcher:
         if not self.backends.get(model):
             raise NoBackend(model)
         queue = self.queues.setdefault(model, ModelQueue())
+        excluded = frozenset(id(b) for b in exclude)
+        if not queue.size:
+            # Nobody waits: the window rule for a lone request, without queueing it.
+            now, speed = time.monotonic(), self._speed(model)
+            usable = [b for b in self.backends[model] if not b.removed and not b.ejected and id(b) not in excluded]
+            best = self._earliest(usable, {id(b): b.free_at(now) for b in usable}, units, speed)
+            if best is not None and best.has_slot:
+                self._take(best, units, now, speed)
+                return best
         if queue.size >= self.max_queue:
             raise QueueFull(model, queue.size, self.retry_after(model))
         loop = asyncio.get_running_loop()
-        waiter = Waiter(tenant, priority, units, frozenset(id(b) for b in exclude), loop.create_future())
+        waiter = Waiter(tenant, priority, units, excluded, loop.create_future())
         queue.push(waiter)
         self._dispatch(model)
         try:
@@ -278,11 +287,9 @@ class Dispatcher:
         free_at = {id(b): b.free_at(now) for b in backends}
         # Higher priority first, then largest first; sorted() is stable, so equal ones keep serving order.
         for waiter in sorted(window, key=lambda w: (-w.priority, -w.units)):
-            usable = [b for b in backends if id(b) not in waiter.exclude]
-            if not usable:
+            best = self._earliest([b for b in backends if id(b) not in waiter.exclude], free_at, waiter.units, speed)
+            if best is None:
                 continue
-            # Earliest completion; on a tie the idle backend.
-            best = min(usable, key=lambda b: (free_at[id(b)] + b.expected_seconds(waiter.units, speed), not b.has_slot))
             if best.has_slot:
                 self._bind(queue, window, waiter, best, now, speed)
                 return True
@@ -300,12 +307,23 @@ class Dispatcher:
                     return True
         return False
 
+    @staticmethod
+    def _earliest(usable: list[Backend], free_at: dict[int, float], units: float, speed: float) -> Backend | None:
+        """The backend expected to finish `units` first (from when it is free); on a tie an idle one."""
+        if not usable:
+            return None
+        return min(usable, key=lambda b: (free_at[id(b)] + b.expected_seconds(units, speed), not b.has_slot))
+
     def _bind(
         self, queue: ModelQueue, window: list[Waiter], waiter: Waiter, backend: Backend, now: float, speed: float
     ) -> None:
         for ahead in itertools.takewhile(lambda w: w is not waiter, window):
             ahead.skipped += 1
         queue.served(waiter)
-        backend.inflight += 1
-        backend.expected_ends.append(now + backend.expected_seconds(waiter.units, speed))
+        self._take(backend, waiter.units, now, speed)
         waiter.future.set_result(backend)
+
+    @staticmethod
+    def _take(backend: Backend, units: float, now: float, speed: float) -> None:
+        backend.inflight += 1
+        backend.expected_ends.append(now + backend.expected_seconds(units, speed))

@@ -9,6 +9,7 @@ import logging
 import signal
 from pathlib import Path
 
+import uvloop
 from aiohttp import web
 
 from sd_operator.gateway.app import STATE, State, create_app
@@ -105,7 +106,7 @@ def command(args: argparse.Namespace) -> int:
     )
     if not cfg.backends_file and not cfg.kubernetes:
         raise SystemExit("sd-operator gateway: give --backends-file or --kubernetes (or both)")
-    asyncio.run(serve(cfg))
+    uvloop.run(serve(cfg))  # asyncio on libuv: the same semantics, less CPU per request
     return 0
 
 
