@@ -181,6 +181,22 @@ def test_api_keys_auth_and_keys_never_logged(tmp_path: Path, procs: list[Proc]) 
     assert access[2]["model"] == MODEL_A and access[2]["instance"] == one.url
 
 
+def test_small_and_large_answers_come_through_whole_and_are_cached(fleet: dict[str, Any]) -> None:
+    # The WebUI echoes the prompt (parameters, info, PNG text): a long prompt makes an answer larger than
+    # the gateway's 256 KiB chunk, which is relayed chunk by chunk; a short one goes out in one write.
+    gw, b = fleet["gw"], fleet["b"]
+    for words in (3, 60_000):
+        prompt = " ".join(f"tower{i}" for i in range(words))
+        first = txt2img(gw, MODEL_B, seed=7, prompt=prompt, steps=2)
+        assert first.status_code == 200, first.text[:500]
+        assert (int(first.headers["Content-Length"]) > 256 * 1024) == (words > 3)
+        assert len(first.content) == int(first.headers["Content-Length"])
+        assert png_text(first)["sd-emulator-prompt"] == prompt and first.json()["parameters"]["prompt"] == prompt
+        again = txt2img(gw, MODEL_B, seed=7, prompt=prompt, steps=2)
+        assert again.headers.get("X-Cache") == "hit" and again.content == first.content
+    assert stats(b)["generations"] == 2
+
+
 def test_cache_hits_for_fixed_seeds_only(fleet: dict[str, Any]) -> None:
     gw, b = fleet["gw"], fleet["b"]
     first = txt2img(gw, MODEL_B, seed=42)

@@ -287,21 +287,13 @@ async def _forward(
             if attempt:
                 headers["X-SD-Attempts"] = str(attempt + 1)
             keep = key is not None and upstream.status == 200
-            parts: list[bytes] = []
             if upstream.content_length is not None and upstream.content_length <= CHUNK:
                 # A small answer goes out in one piece (headers and body in one write).
-                parts.append(await upstream.read())
+                parts = [await upstream.read()]
                 response = web.Response(status=upstream.status, headers=headers, body=parts[0])
             else:
                 response = web.StreamResponse(status=upstream.status, headers=headers)
-                if upstream.content_length is not None:
-                    response.content_length = upstream.content_length
-                await response.prepare(request)
-                async for chunk in upstream.content.iter_chunked(CHUNK):
-                    await response.write(chunk)
-                    if keep:
-                        parts.append(chunk)
-                await response.write_eof()
+                parts = await _stream(request, upstream, response, keep)
         seconds = time.perf_counter() - started
         state.dispatcher.release(backend, ok=True, seconds=seconds, units=units)
         m.service_seconds.labels(backend.model).observe(seconds)
@@ -325,6 +317,22 @@ async def _forward(
         return "retry"
     finally:
         state.running.get(tenant, set()).discard(backend)
+
+
+async def _stream(
+    request: web.Request, upstream: aiohttp.ClientResponse, response: web.StreamResponse, keep: bool
+) -> list[bytes]:
+    """Relays a large answer chunk by chunk (never whole in memory, unless it is kept for the cache)."""
+    if upstream.content_length is not None:
+        response.content_length = upstream.content_length
+    await response.prepare(request)
+    parts: list[bytes] = []
+    async for chunk in upstream.content.iter_chunked(CHUNK):
+        await response.write(chunk)
+        if keep:
+            parts.append(chunk)
+    await response.write_eof()
+    return parts
 
 
 async def _interrupt(state: State, backend: Backend) -> None:
