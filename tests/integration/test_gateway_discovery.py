@@ -75,6 +75,27 @@ def test_backends_follow_sdinstances_and_endpointslices(
         wait_for(lambda: list(instances()) == ["http://10.244.9.3:7861"], timeout=30, what="the new slice")
         discovery.delete_namespaced_endpoint_slice("xl-b", namespace)
         wait_for(lambda: not instances(), timeout=30, what="the deleted slice to leave")
+
+        # No ready pod, but the SDInstance declares the model: 503 + Retry-After saying how far it is
+        # (no backend exists, so nothing is sent anywhere).
+        custom.patch_namespaced_custom_object_status(GROUP, VERSION, namespace, PLURAL, "xl", {"status": {
+            "phase": "Downloading",
+            "conditions": [{"type": "Ready", "status": "False", "reason": "Downloading",
+                            "message": "fetching the checkpoint", "lastTransitionTime": "2026-11-26T00:00:00Z"}],
+        }})  # fmt: skip
+
+        def ask() -> requests.Response:
+            body = {"prompt": "x", "override_settings": {"sd_model_checkpoint": SHA[:10]}}
+            return requests.post(f"{gw.url}/sdapi/v1/txt2img", json=body, timeout=10)
+
+        # (a 503 Response is falsy, hence the tuples)
+        (not_ready,) = wait_for(lambda: "Downloading" in (r := ask()).text and (r,), timeout=30, what="ModelNotReady")
+        assert not_ready.status_code == 503 and not_ready.json()["error"] == "ModelNotReady"
+        assert f"{namespace}/xl Downloading (fetching the checkpoint)" in not_ready.json()["detail"]
+        assert int(not_ready.headers["Retry-After"]) > 0
+        custom.delete_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, "xl")
+        (gone,) = wait_for(lambda: (r := ask()).json()["error"] == "UnknownModel" and (r,), timeout=30, what="404")
+        assert gone.status_code == 503  # nothing is served at all: the fleet is empty
         time.sleep(0.5)
         assert "Traceback" not in gw.log.read_text()
     finally:

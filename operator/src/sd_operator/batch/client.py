@@ -2,8 +2,9 @@
 
 Retriable: connection errors, timeouts, 408, 429 (with Retry-After), 500 that is not out of memory,
 502/503/504. Waited out (up to the item timeout, without spending retries): no instance of the model
-right now (404 UnknownModel / 503 NoBackend while its instances restart). Permanent: every other 4xx
-(400 validation, 413/422) and any OutOfMemoryError answer, which the same request would only repeat.
+right now (404 UnknownModel, 503 NoBackend or ModelNotReady while its instances start or restart).
+Permanent: every other 4xx (400 validation, 413/422) and any OutOfMemoryError answer, which the same
+request would only repeat.
 """
 
 from __future__ import annotations
@@ -78,7 +79,7 @@ def classify(status: int, data: bytes, retry_after: str | None = None) -> Except
     reason = f"HTTP {status}{f' {kind}' if kind else ''}: {detail}".strip().rstrip(":")
     if kind == "OutOfMemoryError" or "out of memory" in detail.lower():
         return PermanentItemError(reason)
-    if kind in ("UnknownModel", "NoBackend") or (status == 503 and not kind):
+    if kind in ("UnknownModel", "NoBackend", "ModelNotReady") or (status == 503 and not kind):
         return FleetUnavailable(reason, _retry_after(retry_after))
     if status in RETRIABLE_STATUS:
         return RetriableError(reason, _retry_after(retry_after))

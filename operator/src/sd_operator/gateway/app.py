@@ -32,7 +32,7 @@ from sd_operator.gateway.payload import (
     is_deterministic,
 )
 from sd_operator.gateway.presets import PresetStore, UnknownPreset
-from sd_operator.gateway.registry import Registry, UnknownModel, probe
+from sd_operator.gateway.registry import ModelNotReady, Registry, UnknownModel, probe
 
 log = logging.getLogger("sd_operator.gateway")
 access_log = logging.getLogger("sd_operator.gateway.access")
@@ -55,6 +55,17 @@ def error(status: int, message: str, kind: str, **extra: Any) -> web.Response:
     body = {"error": kind, "detail": message, "body": None, "errors": message, **extra}
     headers = {"Retry-After": str(round(extra["retry_after"]))} if "retry_after" in extra else None
     return web.json_response(body, status=status, headers=headers)
+
+
+NOT_READY_RETRY_SECONDS = 15.0
+
+
+def unresolved(e: UnknownModel | ModelNotReady) -> web.Response:
+    """404 for a model nobody serves; 503 + Retry-After while the fleet is empty or the model's
+    SDInstances are still downloading or loading (a batch or script should wait, not give up)."""
+    if isinstance(e, ModelNotReady):
+        return error(503, str(e), "ModelNotReady", retry_after=NOT_READY_RETRY_SECONDS)
+    return error(404 if e.available else 503, str(e), "UnknownModel")
 
 
 class State:
@@ -191,8 +202,8 @@ async def generate(request: web.Request, path: str, payload: dict[str, Any], raw
     state = _state(request)
     try:
         model = _model_for(state, request, payload)
-    except UnknownModel as e:
-        return error(404 if e.available else 503, str(e), "UnknownModel")
+    except (UnknownModel, ModelNotReady) as e:
+        return unresolved(e)
     request["model"] = model
     settings = payload.get("override_settings")
     if isinstance(settings, dict) and "sd_model_checkpoint" in settings:
@@ -417,8 +428,8 @@ async def proxy_get(request: web.Request) -> web.StreamResponse:
     state = _state(request)
     try:
         model = _model_for(state, request, {}, request.query.get("model"))
-    except UnknownModel as e:
-        return error(404 if e.available else 503, str(e), "UnknownModel")
+    except (UnknownModel, ModelNotReady) as e:
+        return unresolved(e)
     backends = [b for b in state.dispatcher.backends.get(model, []) if not b.ejected]
     if not backends:
         return error(503, f"no healthy instance of {model}", "NoBackend")
@@ -439,7 +450,12 @@ async def refresh_loras(request: web.Request) -> web.Response:
     state = _state(request)
     assert state.session is not None
     model = request.headers.get("X-SD-Model") or request.query.get("model")
-    targets = state.dispatcher.backends.get(state.registry.resolve(model)) if model else state.dispatcher.all_backends()
+    try:
+        targets = (
+            state.dispatcher.backends.get(state.registry.resolve(model)) if model else state.dispatcher.all_backends()
+        )
+    except (UnknownModel, ModelNotReady) as e:
+        return unresolved(e)
     done = []
     for backend in targets or []:
         try:

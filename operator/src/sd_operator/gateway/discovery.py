@@ -19,7 +19,7 @@ from kubernetes.client.rest import ApiException
 from sd_operator import API_GROUP, API_VERSION, kube
 from sd_operator.gateway.app import State
 from sd_operator.gateway.dispatch import Backend
-from sd_operator.gateway.registry import family_of, pixel_budget
+from sd_operator.gateway.registry import DeclaredModel, family_of, pixel_budget
 from sd_operator.render.common import INSTANCE_LABEL
 
 log = logging.getLogger("sd_operator.gateway.discovery")
@@ -61,6 +61,23 @@ def backends_from_slice(slice_: dict[str, Any], instance: dict[str, Any] | None,
                 )
             )
     return out
+
+
+def declared_model(instance: dict[str, Any]) -> DeclaredModel | None:
+    """The model an SDInstance serves, and how far it is (phase, and why when not Ready) (pure)."""
+    checkpoint = ((instance.get("spec") or {}).get("model") or {}).get("checkpoint") or {}
+    if not checkpoint.get("name"):
+        return None
+    status = instance.get("status") or {}
+    ready: dict[str, Any] = next((c for c in status.get("conditions") or [] if c.get("type") == "Ready"), {})
+    meta = instance["metadata"]
+    return DeclaredModel(
+        model=checkpoint["name"],
+        instance=f"{meta['namespace']}/{meta['name']}",
+        sha256=(checkpoint.get("sha256") or "").lower() or None,
+        phase=status.get("phase"),
+        message=ready.get("message") if ready.get("status") != "True" else None,
+    )
 
 
 class KubeDiscovery:
@@ -125,10 +142,15 @@ class KubeDiscovery:
 
     def _on_instance(self, kind: str, body: dict[str, Any]) -> None:
         key = (body["metadata"]["namespace"], body["metadata"]["name"])
+        declared = self.state.registry.declared
+        declared.pop(f"{key[0]}/{key[1]}", None)
         if kind == "DELETED":
             self.instances.pop(key, None)
         else:
             self.instances[key] = body
+            model = declared_model(body)
+            if model is not None:
+                declared[model.instance] = model
         for slice_key, slice_ in list(self.slices.items()):
             if (slice_["metadata"].get("labels") or {}).get(INSTANCE_LABEL) == key[1] and slice_key[0] == key[0]:
                 self._sync(slice_key)

@@ -20,14 +20,17 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import math
 import time
 from collections import OrderedDict, deque
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from typing import Any
 
 # One unit of work: a 512x512 image at 20 steps. Service times are learned per unit.
 UNIT_PIXELS_STEPS = 512 * 512 * 20
 EWMA_ALPHA = 0.3
+HOLD_MIN_GAIN = 0.05  # seconds an idle backend must lose against a busy one before a request waits
 
 
 def work_units(width: int, height: int, steps: int, batch: int = 1, n_iter: int = 1) -> float:
@@ -218,11 +221,12 @@ class Dispatcher:
         if not queue.size:
             # Nobody waits: the window rule for a lone request, without queueing it.
             now, speed = time.monotonic(), self._speed(model)
-            usable = [b for b in self.backends[model] if not b.removed and not b.ejected and id(b) not in excluded]
-            best = self._earliest(usable, {id(b): b.free_at(now) for b in usable}, units, speed)
-            if best is not None and best.has_slot:
-                self._take(best, units, now, speed)
-                return best
+            rows = self._rows(model, now, speed)
+            best = self._earliest(rows, units, excluded)
+            if best is not None and rows[best][3]:
+                backend = rows[best][0]
+                self._take(backend, units, now, speed)
+                return backend
         if queue.size >= self.max_queue:
             raise QueueFull(model, queue.size, self.retry_after(model))
         loop = asyncio.get_running_loop()
@@ -277,23 +281,31 @@ class Dispatcher:
             return out[:1]
         return out
 
+    def _rows(self, model: str, now: float, speed: float) -> list[list[Any]]:
+        """[backend, when it is free, seconds per unit, idle] for each backend that may take work."""
+        return [
+            [b, b.free_at(now), b.seconds_per_unit or speed, b.has_slot]
+            for b in self.backends.get(model, [])
+            if not b.removed and not b.ejected
+        ]
+
     def _bind_one(self, model: str, queue: ModelQueue) -> bool:
         """Binds one waiter to an idle backend (see the module docstring); False when none should be."""
-        backends = [b for b in self.backends.get(model, []) if not b.removed and not b.ejected]
         window = self._window(model, queue)
         if not window:
             return False
         now, speed = time.monotonic(), self._speed(model)
-        free_at = {id(b): b.free_at(now) for b in backends}
+        rows = self._rows(model, now, speed)
+        backends = [row[0] for row in rows]
         # Higher priority first, then largest first; sorted() is stable, so equal ones keep serving order.
         for waiter in sorted(window, key=lambda w: (-w.priority, -w.units)):
-            best = self._earliest([b for b in backends if id(b) not in waiter.exclude], free_at, waiter.units, speed)
+            best = self._earliest(rows, waiter.units, waiter.exclude)
             if best is None:
                 continue
-            if best.has_slot:
-                self._bind(queue, window, waiter, best, now, speed)
+            if rows[best][3]:
+                self._bind(queue, window, waiter, rows[best][0], now, speed)
                 return True
-            free_at[id(best)] += best.expected_seconds(waiter.units, speed)  # reserved for that busy backend
+            rows[best][1] += waiter.units * rows[best][2]  # reserved for that busy backend
         # Everything in the window is better served by a busy backend: the idle ones wait for its release
         # (which dispatches again). Only an idle backend that no waiter of the window may use (retries
         # exclude the backends they failed on) goes to the first waiter behind the window that can.
@@ -308,11 +320,24 @@ class Dispatcher:
         return False
 
     @staticmethod
-    def _earliest(usable: list[Backend], free_at: dict[int, float], units: float, speed: float) -> Backend | None:
-        """The backend expected to finish `units` first (from when it is free); on a tie an idle one."""
-        if not usable:
-            return None
-        return min(usable, key=lambda b: (free_at[id(b)] + b.expected_seconds(units, speed), not b.has_slot))
+    def _earliest(rows: list[list[Any]], units: float, exclude: frozenset[int]) -> int | None:
+        """The row of the backend expected to finish `units` first (from when it is free). A busy one only
+        when it beats the best idle one by more than HOLD_MIN_GAIN: waiting a few milliseconds on estimates
+        that noisy gains nothing and costs a round through the queue. (A plain loop: this runs for every
+        request, and for every waiter of the window on every release.)"""
+        best = best_idle = None
+        best_done = idle_done = math.inf
+        for i, (backend, free_at, per_unit, idle) in enumerate(rows):
+            if id(backend) in exclude:
+                continue
+            done = free_at + units * per_unit
+            if done < best_done or (done == best_done and idle):
+                best, best_done = i, done
+            if idle and done < idle_done:
+                best_idle, idle_done = i, done
+        if best is not None and best_idle is not None and idle_done - best_done <= HOLD_MIN_GAIN:
+            return best_idle
+        return best
 
     def _bind(
         self, queue: ModelQueue, window: list[Waiter], waiter: Waiter, backend: Backend, now: float, speed: float

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +31,34 @@ class UnknownModel(LookupError):
         self.name, self.available = name, available
 
 
+class ModelNotReady(LookupError):
+    """The model is declared by SDInstances, none of whose pods is ready yet (answered 503, not 404)."""
+
+    def __init__(self, name: str, model: str, instances: list[DeclaredModel]):
+        states = ", ".join(
+            f"{d.instance} {d.phase or 'Pending'}" + (f" ({d.message})" if d.message else "") for d in instances
+        )
+        super().__init__(f"model {model!r} has no ready instance yet: {states}; retry later")
+        self.name, self.model, self.instances = name, model, instances
+
+
+@dataclass(frozen=True)
+class DeclaredModel:
+    """What an SDInstance says it serves, known before any of its pods is ready."""
+
+    model: str  # checkpoint file name
+    instance: str  # namespace/name
+    sha256: str | None = None
+    phase: str | None = None
+    message: str | None = None
+
+    def names(self) -> set[str]:
+        names = {self.model, _stem(self.model)}
+        if self.sha256:
+            names.update({self.sha256[:10], self.sha256[:8], self.sha256})
+        return {n.lower() for n in names}
+
+
 def family_of(model: str, hint: str | None = None) -> Family:
     if hint in {f.value for f in Family}:
         return Family(hint)
@@ -48,6 +77,7 @@ def _stem(name: str) -> str:
 class Registry:
     def __init__(self, dispatcher: Dispatcher) -> None:
         self.dispatcher = dispatcher
+        self.declared: dict[str, DeclaredModel] = {}  # by instance (namespace/name), from discovery
 
     def names(self, backend: Backend) -> set[str]:
         names = {backend.model, _stem(backend.model), *backend.aliases}
@@ -67,6 +97,9 @@ class Registry:
         for backend in self.dispatcher.all_backends():
             if candidates & self.names(backend):
                 return backend.model
+        waiting = [d for d in self.declared.values() if candidates & d.names()]
+        if waiting:
+            raise ModelNotReady(name, waiting[0].model, sorted(waiting, key=lambda d: d.instance))
         raise UnknownModel(name, self.dispatcher.models())
 
     def sd_models(self) -> list[dict[str, Any]]:
