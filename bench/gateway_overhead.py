@@ -19,7 +19,8 @@ emulators, the load generators and this script run on core 1 (`taskset -c 1` / s
     level: req/s, p50/p99, the added p50/p99 versus direct at the same concurrency, busy % of each
     core, the gateway's CPU ms per request (so its one-core ceiling is 1000 / that) and wrk's CPU
     use. Then paced runs (`--paced`, default ~200/500/1000 req/s offered: each of the 8 connections
-    pauses 8000/rate ms after every answer, wrk's delay(); the pause is not counted as latency). A
+    pauses a random, exponentially distributed time with mean 8000/rate ms after every answer, wrk's
+    delay(), so arrivals are spread as from independent clients; the pause is not latency). A
     level is "saturated" when the gateway's core or core 1 was >= 90% busy; the latency goal (added
     p99 < 5 ms) is judged on the levels below saturation (closed-loop levels with zero-latency
     backends keep the gateway busy all the time, so mostly the paced ones).
@@ -210,7 +211,9 @@ def run_wrk(
 ) -> dict:
     """One wrk run; with `delay_ms` each connection pauses that long after every answer (paced load)."""
     script = tmp / f"wrk-{seed}.lua"
-    delay = f"function delay() return {delay_ms} end" if delay_ms > 0 else ""
+    # Exponential pauses (mean delay_ms): arrivals spread like independent clients'. A fixed pause keeps
+    # the connections in step, so every request of a round arrives in one burst and waits for the others.
+    delay = f"function delay() return math.floor(-{delay_ms} * math.log(1 - math.random())) end" if delay_ms else ""
     script.write_text(WRK_LUA % {"ports": ", ".join(map(str, ports)), "body": BODY, "seed": seed, "delay": delay})
     cmd = ["wrk", f"-t{threads}", f"-c{connections}", f"-d{duration:g}s", "--timeout", "10s", "-s", str(script), url]
     if two_cores():

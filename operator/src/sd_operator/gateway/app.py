@@ -604,7 +604,13 @@ def create_app(cfg: GatewayConfig, dispatcher: Dispatcher | None = None) -> web.
     r.add_get("/openapi.json", openapi)
 
     async def lifecycle(app: web.Application) -> Any:
-        state.session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0, keepalive_timeout=60))
+        state.session = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(limit=0, keepalive_timeout=60),
+            cookie_jar=aiohttp.DummyCookieJar(),  # backends set no cookies worth keeping; skips the jar's work
+            # Answers come back uncompressed: the WebUI's GZip middleware would spend CPU on both ends of a
+            # hop inside the cluster, and the gateway relays the bytes as they are.
+            skip_auto_headers=("Accept-Encoding",),
+        )
         yield
         for task in list(state.background):
             task.cancel()
