@@ -3,8 +3,10 @@ cluster's log pipeline (one object per line: time, level, logger, message, and a
 
 from __future__ import annotations
 
+import argparse
 import json
 import logging
+import os
 import sys
 from datetime import UTC, datetime
 from typing import Any
@@ -38,6 +40,11 @@ class JsonFormatter(logging.Formatter):
         if record.exc_info:
             doc["exception"] = self.formatException(record.exc_info)
         return json.dumps(doc, default=str, ensure_ascii=False)
+
+
+def format_of(args: argparse.Namespace | None = None) -> str:
+    """--log-format when the top-level CLI parsed one, else $SD_LOG_FORMAT, else plain."""
+    return getattr(args, "log_format", None) or os.environ.get("SD_LOG_FORMAT") or "plain"
 
 
 def setup(fmt: str = "plain", level: int = logging.INFO, prefix: str = "") -> None:

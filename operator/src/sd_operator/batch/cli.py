@@ -21,7 +21,7 @@ from typing import Any
 import yaml
 from pydantic import ValidationError
 
-from sd_operator import API_GROUP, API_VERSION
+from sd_operator import API_GROUP, API_VERSION, logs
 from sd_operator.api.generationbatch import GenerationBatchSpec
 from sd_operator.batch.items import ItemsError, ItemSource
 from sd_operator.batch.output import LocalStore, S3Store, Store
@@ -130,6 +130,7 @@ async def _run(runner: Runner) -> int:
 
 
 def command(args: argparse.Namespace) -> int:
+    logs.setup(logs.format_of(args))  # also when run as `python -m sd_operator.batch.cli`
     for noisy in ("botocore", "boto3", "urllib3"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     try:

@@ -12,6 +12,7 @@ from pathlib import Path
 import uvloop
 from aiohttp import web
 
+from sd_operator import logs
 from sd_operator.gateway.app import STATE, State, create_app
 from sd_operator.gateway.config import GatewayConfig
 from sd_operator.gateway.dispatch import Backend
@@ -84,6 +85,7 @@ async def serve(cfg: GatewayConfig, ready: asyncio.Event | None = None) -> None:
 
 
 def command(args: argparse.Namespace) -> int:
+    logs.setup(logs.format_of(args))
     cfg = GatewayConfig(
         host=args.host,
         port=args.port,
