@@ -51,7 +51,7 @@ STATE: web.AppKey[State] = web.AppKey("state", object)  # type: ignore[arg-type]
 
 def error(status: int, message: str, kind: str, **extra: Any) -> web.Response:
     """Errors in the WebUI's shape ({error, detail, body, errors}) so clients need no new parsing."""
-    m.errors.labels(kind).inc()
+    m.child(m.errors, kind).inc()
     body = {"error": kind, "detail": message, "body": None, "errors": message, **extra}
     headers = {"Retry-After": str(round(extra["retry_after"]))} if "retry_after" in extra else None
     return web.json_response(body, status=status, headers=headers)
@@ -101,7 +101,7 @@ class State:
     def eject(self, backend: Backend) -> None:
         """No work for a cool-off, then probe until it answers again."""
         self.dispatcher.eject(backend, self.cfg.cool_off)
-        m.ejections.labels(backend.model).inc()
+        m.child(m.ejections, backend.model).inc()
         log.warning("backend %s ejected for %.0fs", backend.url, self.cfg.cool_off)
         self.spawn(self._probe_back(backend))
 
@@ -137,8 +137,8 @@ async def auth_middleware(request: web.Request, handler: Any) -> web.StreamRespo
     response = await _authorised(state, request, handler)
     seconds = time.perf_counter() - start
     route = request.match_info.route.resource.canonical if request.match_info.route.resource else "other"
-    m.requests.labels(route, str(response.status)).inc()
-    m.request_seconds.labels(route).observe(seconds)
+    m.child(m.requests, route, str(response.status)).inc()
+    m.child(m.request_seconds, route).observe(seconds)
     if state.cfg.access_log:
         tenant = request.get("tenant")
         fields = {
@@ -225,9 +225,9 @@ async def generate(request: web.Request, path: str, payload: dict[str, Any], raw
         key = cache_key(model_id or model, path + "\n" + canonical_request(payload))
         hit = CachedResponse.decode(await state.cache.get(key) or b"")
         if hit is not None:
-            m.cache.labels("hit").inc()
+            m.child(m.cache, "hit").inc()
             return web.Response(body=hit.body, headers={"Content-Type": hit.content_type, "X-Cache": "hit"})
-        m.cache.labels("miss").inc()
+        m.child(m.cache, "miss").inc()
 
     tenant: Tenant = request["tenant"]
     units = work_units(width, height, steps, batch, n_iter)
@@ -242,7 +242,7 @@ async def generate(request: web.Request, path: str, payload: dict[str, Any], raw
             return error(429, str(e), "QueueFull", retry_after=e.retry_after)
         except NoBackend as e:
             return error(503, str(e), "NoBackend")
-        m.wait_seconds.labels(model).observe(time.perf_counter() - waited)
+        m.child(m.wait_seconds, model).observe(time.perf_counter() - waited)
         outcome = await _forward(request, state, backend, path, body, units, key, attempt, tenant.name)
         if isinstance(outcome, web.StreamResponse):
             return outcome
@@ -287,7 +287,7 @@ async def _forward(
                 text = await upstream.read()
                 if b"OutOfMemory" in text or b"out of memory" in text:
                     state.dispatcher.release(backend, ok=True)
-                    m.errors.labels("OutOfMemoryError").inc()
+                    m.child(m.errors, "OutOfMemoryError").inc()
                     return "oom"
                 # A 5xx before any byte reached the client: another backend may do better.
                 state.eject(backend)
@@ -307,7 +307,7 @@ async def _forward(
                 parts = await _stream(request, upstream, response, keep)
         seconds = time.perf_counter() - started
         state.dispatcher.release(backend, ok=True, seconds=seconds, units=units)
-        m.service_seconds.labels(backend.model).observe(seconds)
+        m.child(m.service_seconds, backend.model).observe(seconds)
         if keep and key is not None:
             content_type = upstream.headers.get("Content-Type", "application/json")
             await state.cache.set(key, CachedResponse(b"".join(parts), content_type).encode())
@@ -316,7 +316,7 @@ async def _forward(
         # The client went away: stop the backend's work instead of rendering for nobody.
         state.spawn(_interrupt(state, backend))
         state.dispatcher.release(backend, ok=True)
-        m.errors.labels("ClientDisconnected").inc()
+        m.child(m.errors, "ClientDisconnected").inc()
         raise
     except (aiohttp.ClientError, TimeoutError) as e:
         state.dispatcher.release(backend, ok=False)
@@ -324,7 +324,7 @@ async def _forward(
             raise  # bytes already went to the client: cannot retry
         log.warning("backend %s failed: %s", backend.url, e.__class__.__name__)
         state.eject(backend)
-        m.errors.labels("BackendError").inc()
+        m.child(m.errors, "BackendError").inc()
         return "retry"
     finally:
         state.running.get(tenant, set()).discard(backend)

@@ -165,11 +165,13 @@ class Dispatcher:
         self.max_skips = max_skips  # None: the window size
         self.backends: dict[str, list[Backend]] = {}
         self.queues: dict[str, ModelQueue] = {}
+        self.version = 0  # changes whenever a backend comes or goes (what the registry's index follows)
 
     # -- backends ----------------------------------------------------------------------------
 
     def add(self, backend: Backend) -> None:
         self.backends.setdefault(backend.model, []).append(backend)
+        self.version += 1
         self._dispatch(backend.model)
 
     def remove(self, backend: Backend) -> None:
@@ -177,6 +179,7 @@ class Dispatcher:
         group = self.backends.get(backend.model, [])
         if backend in group:
             group.remove(backend)
+        self.version += 1
 
     def all_backends(self) -> list[Backend]:
         return [b for group in self.backends.values() for b in group]

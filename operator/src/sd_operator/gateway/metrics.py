@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+import functools
+from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
@@ -38,6 +39,14 @@ errors = Counter("sd_gateway_errors_total", "Errors by kind", ["kind"], registry
 ejections = Counter(
     "sd_gateway_backend_ejections_total", "Instances taken out after failures", ["model"], registry=REGISTRY
 )
+
+
+@functools.lru_cache(maxsize=4096)
+def child(metric: Any, *labels: str) -> Any:
+    """`metric.labels(*labels)`, remembered: the lookup validates and locks on every call, which the request
+    path pays several times per request. Only for counters and histograms (gauges here are cleared and
+    rebuilt at scrape time, which would leave remembered children stale)."""
+    return metric.labels(*labels)
 
 
 def refresh_gauges(dispatcher: Dispatcher, result_cache: ResultCache) -> None:

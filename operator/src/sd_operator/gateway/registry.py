@@ -78,6 +78,8 @@ class Registry:
     def __init__(self, dispatcher: Dispatcher) -> None:
         self.dispatcher = dispatcher
         self.declared: dict[str, DeclaredModel] = {}  # by instance (namespace/name), from discovery
+        self._index: dict[str, str] = {}  # every name of a served model (lower case) -> its model key
+        self._index_version = -1
 
     def names(self, backend: Backend) -> set[str]:
         names = {backend.model, _stem(backend.model), *backend.aliases}
@@ -94,9 +96,12 @@ class Registry:
         candidates = {wanted}
         if match:
             candidates |= {match["name"].lower(), match["hash"].lower()}
-        for backend in self.dispatcher.all_backends():
-            if candidates & self.names(backend):
-                return backend.model
+        if self._index_version != self.dispatcher.version:  # rebuilt when backends come or go, not per request
+            self._index = {n: b.model for b in reversed(self.dispatcher.all_backends()) for n in self.names(b)}
+            self._index_version = self.dispatcher.version
+        for candidate in (wanted, *sorted(candidates - {wanted})):
+            if candidate in self._index:
+                return self._index[candidate]
         waiting = [d for d in self.declared.values() if candidates & d.names()]
         if waiting:
             raise ModelNotReady(name, waiting[0].model, sorted(waiting, key=lambda d: d.instance))
