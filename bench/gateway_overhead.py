@@ -92,6 +92,11 @@ function setup(thread)
 end
 local counter = 0
 local headers = {["Content-Type"] = "application/json"}
+function init(args)
+  -- Each thread has its own Lua state, and LuaJIT seeds every state alike: unseeded, all threads would
+  -- draw the same pauses and their connections would stay in step (bursts instead of spread arrivals).
+  math.randomseed(tid * 1000003 + %(seed)d %% 1000003)
+end
 function request()
   counter = counter + 1
   local body = string.format('%(body)s', %(seed)d + tid * 10000000 + counter)
