@@ -11,9 +11,9 @@ window of the next requests in serving order (`window`, default twice the model'
 first, gives each to the backend expected to *finish* it soonest (earliest completion time, counting
 when a busy backend should be free). A request whose best backend is busy is reserved for it, and the
 next one is considered for the idle backends; when every request of the window is better served by a
-busy backend, the idle ones wait for that release (a list-scheduling rule known as LPT with earliest
-completion). A request passed over `max_skips` times is served next whatever its size, so reordering
-within the window never starves anyone.
+busy backend by more than HOLD_MIN_GAIN, the idle ones wait for that release (a list-scheduling rule
+known as LPT with earliest completion). A request passed over `max_skips` times is served next whatever
+its size, so reordering within the window never starves anyone.
 """
 
 from __future__ import annotations
