@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Awaitable, Callable
+from typing import Any
 
 import pytest
 
@@ -40,6 +42,18 @@ def test_a_request_binds_only_to_an_idle_backend() -> None:
     assert run(scenario()) == ["busy"]
 
 
+def _recorder(d: Dispatcher, order: list[str]) -> Callable[..., Awaitable[None]]:
+    """A request that records its tag once bound, then gives its slot back at the next turn of the loop."""
+
+    async def req(tag: str, **acquire: Any) -> None:
+        got = await d.acquire("m", **acquire)
+        order.append(tag)
+        await asyncio.sleep(0)
+        d.release(got, ok=True)
+
+    return req
+
+
 def test_higher_priority_goes_first_and_tenants_take_turns() -> None:
     async def scenario() -> list[str]:
         d = Dispatcher()
@@ -47,17 +61,11 @@ def test_higher_priority_goes_first_and_tenants_take_turns() -> None:
         d.add(b)
         await d.acquire("m")  # occupy the only slot
         order: list[str] = []
-
-        async def req(tag: str, tenant: str, priority: int) -> None:
-            got = await d.acquire("m", tenant=tenant, priority=priority)
-            order.append(tag)
-            await asyncio.sleep(0)
-            d.release(got, ok=True)
-
-        tasks = [asyncio.create_task(req(f"a{i}", "alice", 0)) for i in range(3)]
+        req = _recorder(d, order)
+        tasks = [asyncio.create_task(req(f"a{i}", tenant="alice", priority=0)) for i in range(3)]
         await _settle()
-        tasks += [asyncio.create_task(req(f"b{i}", "bob", 0)) for i in range(2)]
-        tasks.append(asyncio.create_task(req("urgent", "carol", 10)))
+        tasks += [asyncio.create_task(req(f"b{i}", tenant="bob", priority=0)) for i in range(2)]
+        tasks.append(asyncio.create_task(req("urgent", tenant="carol", priority=10)))
         await _settle()
         d.release(b, ok=True)
         await asyncio.gather(*tasks)
@@ -247,16 +255,10 @@ def test_a_request_is_skipped_at_most_max_skips_times() -> None:
         (b,) = _fleet(d, only=1.0).values()
         await _occupy(d, b)
         order: list[str] = []
-
-        async def req(tag: str, units: float) -> None:
-            got = await d.acquire("m", units=units)
-            order.append(tag)
-            await asyncio.sleep(0)
-            d.release(got, ok=True)
-
-        tasks = [asyncio.create_task(req("small", 1))]
+        req = _recorder(d, order)
+        tasks = [asyncio.create_task(req("small", units=1))]
         await _settle()
-        tasks += [asyncio.create_task(req(f"big{i}", 4)) for i in range(4)]
+        tasks += [asyncio.create_task(req(f"big{i}", units=4)) for i in range(4)]
         await _settle()
         d.release(b, ok=True)
         await asyncio.gather(*tasks)
@@ -272,17 +274,11 @@ def test_priority_comes_before_size() -> None:
         (b,) = _fleet(d, only=1.0).values()
         await _occupy(d, b)
         order: list[str] = []
-
-        async def req(tag: str, units: float, priority: int) -> None:
-            got = await d.acquire("m", units=units, priority=priority)
-            order.append(tag)
-            await asyncio.sleep(0)
-            d.release(got, ok=True)
-
+        req = _recorder(d, order)
         tasks = [
-            asyncio.create_task(req("big-low", 8, 0)),
-            asyncio.create_task(req("small-high", 1, 5)),
-            asyncio.create_task(req("mid-low", 4, 0)),
+            asyncio.create_task(req("big-low", units=8, priority=0)),
+            asyncio.create_task(req("small-high", units=1, priority=5)),
+            asyncio.create_task(req("mid-low", units=4, priority=0)),
         ]
         await _settle()
         d.release(b, ok=True)

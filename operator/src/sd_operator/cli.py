@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from collections.abc import Callable, Sequence
 
@@ -28,7 +27,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--log-format",
         choices=logs.FORMATS,
-        default=os.environ.get("SD_LOG_FORMAT") or "plain",
+        default=logs.format_of(),
         help="plain lines, or one JSON object per line for a log pipeline (default: $SD_LOG_FORMAT or plain)",
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)

@@ -47,7 +47,7 @@ def format_of(args: argparse.Namespace | None = None) -> str:
     return getattr(args, "log_format", None) or os.environ.get("SD_LOG_FORMAT") or "plain"
 
 
-def setup(fmt: str = "plain", level: int = logging.INFO, prefix: str = "") -> None:
+def setup(fmt: str = "plain", level: int = logging.INFO) -> None:
     """Sends the root logger's records to stderr in `fmt` (a second call replaces the first one's handler,
     and leaves handlers that others installed alone)."""
     handler = _StderrHandler()
@@ -55,7 +55,7 @@ def setup(fmt: str = "plain", level: int = logging.INFO, prefix: str = "") -> No
     if fmt == "json":
         handler.setFormatter(JsonFormatter())
     else:
-        handler.setFormatter(logging.Formatter(f"%(asctime)s {prefix}%(levelname)s %(name)s: %(message)s"))
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     root = logging.getLogger()
     for old in [h for h in root.handlers if h.get_name() == "sd-operator"]:
         root.removeHandler(old)

@@ -12,7 +12,7 @@ from kubernetes import client
 from kubernetes.client.rest import ApiException
 from prometheus_client import start_http_server
 
-from sd_operator import API_GROUP, kube
+from sd_operator import API_GROUP, kube, logs
 
 log = logging.getLogger("sd_operator")
 DEFAULT_PEERING = "sd-operator"
@@ -55,7 +55,7 @@ def command(args: argparse.Namespace) -> int:
 
     log.debug("controllers: %s", [c.__name__ for c in (sdinstance, generationbatch, lorajob)])
 
-    log_format = kopf.LogFormat.JSON if getattr(args, "log_format", "plain") == "json" else kopf.LogFormat.PLAIN
+    log_format = kopf.LogFormat.JSON if logs.format_of(args) == "json" else kopf.LogFormat.PLAIN
     kopf.configure(verbose=args.verbose, log_format=log_format, log_prefix=True)
     if not args.all_namespaces and not args.namespace:
         raise SystemExit("sd-operator run: give --all-namespaces or at least one --namespace")

@@ -7,7 +7,7 @@ import os
 import re
 from dataclasses import dataclass, field
 
-from sd_operator import __version__
+from sd_operator import __version__, logs
 
 DEFAULT_OPERATOR_IMAGE = f"ghcr.io/sd-operator/sd-operator:{__version__}"
 DEFAULT_HF_ENDPOINT = "https://huggingface.co"
@@ -49,5 +49,5 @@ def operator_settings() -> OperatorSettings:
         image_pull_secrets=[s for s in env.get("SD_IMAGE_PULL_SECRETS", "").split(",") if s],
         gateway_url=env.get("SD_GATEWAY_URL", "http://sd-operator-gateway:8080"),
         hf_endpoint=parse_hf_endpoint(env.get("SD_HF_ENDPOINT")),
-        log_format=env.get("SD_LOG_FORMAT") or "plain",
+        log_format=logs.format_of(),
     )

@@ -27,21 +27,16 @@ log = logging.getLogger("sd_operator.gateway.discovery")
 
 def backends_from_slice(slice_: dict[str, Any], instance: dict[str, Any] | None, inflight: int) -> list[Backend]:
     """Ready endpoints of one EndpointSlice, as backends of the SDInstance's model (pure)."""
-    if instance is None:
+    if instance is None or (declared := declared_model(instance)) is None:
         return []
+    name, sha = declared.model, declared.sha256
     spec = instance.get("spec") or {}
-    checkpoint = (spec.get("model") or {}).get("checkpoint") or {}
-    name = checkpoint.get("name")
-    if not name:
-        return []
-    sha = (checkpoint.get("sha256") or "").lower() or None
     family = (spec.get("model") or {}).get("family")
     memory = (spec.get("gpu") or {}).get("memoryGiB")
     ports = [p for p in slice_.get("ports") or [] if p.get("name") in ("http", None)]
     if not ports:
         return []
     port = ports[0]["port"]
-    meta = instance["metadata"]
     out = []
     for endpoint in slice_.get("endpoints") or []:
         if (endpoint.get("conditions") or {}).get("ready") is False:
@@ -54,7 +49,7 @@ def backends_from_slice(slice_: dict[str, Any], instance: dict[str, Any] | None,
                     model=name,
                     title=f"{name} [{sha[:10]}]" if sha else None,
                     sha256=sha,
-                    instance=f"{meta['namespace']}/{meta['name']}",
+                    instance=declared.instance,
                     gpu=f"{memory}GiB" if memory else None,
                     pixel_budget=pixel_budget(memory, family_of(name, family)) if memory else None,
                     max_inflight=inflight,

@@ -53,10 +53,7 @@ class DeclaredModel:
     message: str | None = None
 
     def names(self) -> set[str]:
-        names = {self.model, _stem(self.model)}
-        if self.sha256:
-            names.update({self.sha256[:10], self.sha256[:8], self.sha256})
-        return {n.lower() for n in names}
+        return model_names(self.model, self.sha256)
 
 
 def family_of(model: str, hint: str | None = None) -> Family:
@@ -74,6 +71,14 @@ def _stem(name: str) -> str:
     return name.rsplit(".", 1)[0] if "." in name else name
 
 
+def model_names(model: str, sha256: str | None, *more: str) -> set[str]:
+    """Every name a request may use for a model, lower case: file name, stem, short and full hash, and more."""
+    names = {model, _stem(model), *more}
+    if sha256:
+        names.update({sha256[:10], sha256[:8], sha256})
+    return {n.lower() for n in names}
+
+
 class Registry:
     def __init__(self, dispatcher: Dispatcher) -> None:
         self.dispatcher = dispatcher
@@ -82,12 +87,7 @@ class Registry:
         self._index_version = -1
 
     def names(self, backend: Backend) -> set[str]:
-        names = {backend.model, _stem(backend.model), *backend.aliases}
-        if backend.title:
-            names.add(backend.title)
-        if backend.sha256:
-            names.update({backend.sha256[:10], backend.sha256[:8], backend.sha256})
-        return {n.lower() for n in names}
+        return model_names(backend.model, backend.sha256, *backend.aliases, *([backend.title] if backend.title else []))
 
     def resolve(self, name: str) -> str:
         """The model key (checkpoint file name) a request's model name means."""
