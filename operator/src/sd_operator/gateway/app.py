@@ -33,11 +33,12 @@ from sd_operator.gateway.payload import (
 )
 from sd_operator.gateway.presets import PresetStore, UnknownPreset
 from sd_operator.gateway.registry import ModelNotReady, Registry, UnknownModel, probe
+from sd_operator.gateway.upstream import Upstream, UpstreamError, UpstreamResponse
 
 log = logging.getLogger("sd_operator.gateway")
 access_log = logging.getLogger("sd_operator.gateway.access")
 OPEN_PATHS = {"/healthz", "/readyz", "/metrics", "/openapi.json"}
-HOP_HEADERS = {"connection", "keep-alive", "transfer-encoding", "content-length", "content-encoding", "server", "date"}
+HOP_HEADERS = {"connection", "keep-alive", "transfer-encoding", "content-length", "server", "date"}
 CHUNK = 256 * 1024
 SWITCH_ADVICE = (
     "this gateway never switches a backend's model: every instance serves one fixed model. Choose the model "
@@ -81,7 +82,8 @@ class State:
         self.presets = presets
         self.keys = KeyStore.from_file(cfg.keys_file) if cfg.keys_file else KeyStore()
         self.cache: ResultCache = make_cache(cfg.cache_url, cfg.cache_bytes)
-        self.session: aiohttp.ClientSession | None = None
+        self.session: aiohttp.ClientSession | None = None  # probes, interrupts and GETs
+        self.upstream = Upstream()  # generation requests (the hot path; see upstream.py)
         self.running: dict[str, set[Backend]] = {}  # tenant -> backends rendering its requests
         self.background: set[asyncio.Task[Any]] = set()
 
@@ -277,11 +279,8 @@ async def _forward(
     response: web.StreamResponse | None = None
     state.running.setdefault(tenant, set()).add(backend)
     try:
-        async with state.session.post(
-            f"{backend.url}{path}",
-            data=body,
-            headers={"Content-Type": "application/json"},
-            timeout=aiohttp.ClientTimeout(total=state.cfg.request_timeout),
+        async with state.upstream.request(
+            backend.url, "POST", path, body, timeout=state.cfg.request_timeout
         ) as upstream:
             if upstream.status >= 500:
                 text = await upstream.read()
@@ -293,12 +292,14 @@ async def _forward(
                 state.eject(backend)
                 state.dispatcher.release(backend, ok=False)
                 return "retry"
-            headers = {k: v for k, v in upstream.headers.items() if k.lower() not in HOP_HEADERS}
+            headers = {k: v for k, v in upstream.raw_headers if k.lower() not in HOP_HEADERS}
             headers["X-SD-Backend"] = backend.instance or backend.url
             if attempt:
                 headers["X-SD-Attempts"] = str(attempt + 1)
-            keep = key is not None and upstream.status == 200
-            if upstream.content_length is not None and upstream.content_length <= CHUNK:
+            # Only plain 200 answers are kept (a compressed body would be served later without its encoding).
+            keep = key is not None and upstream.status == 200 and "content-encoding" not in upstream.headers
+            length = upstream.content_length
+            if length is not None and length <= CHUNK:
                 # A small answer goes out in one piece (headers and body in one write).
                 parts = [await upstream.read()]
                 response = web.Response(status=upstream.status, headers=headers, body=parts[0])
@@ -309,7 +310,7 @@ async def _forward(
         state.dispatcher.release(backend, ok=True, seconds=seconds, units=units)
         m.child(m.service_seconds, backend.model).observe(seconds)
         if keep and key is not None:
-            content_type = upstream.headers.get("Content-Type", "application/json")
+            content_type = upstream.headers.get("content-type", "application/json")
             await state.cache.set(key, CachedResponse(b"".join(parts), content_type).encode())
         return response
     except asyncio.CancelledError:
@@ -318,11 +319,11 @@ async def _forward(
         state.dispatcher.release(backend, ok=True)
         m.child(m.errors, "ClientDisconnected").inc()
         raise
-    except (aiohttp.ClientError, TimeoutError) as e:
+    except (UpstreamError, TimeoutError) as e:
         state.dispatcher.release(backend, ok=False)
         if response is not None:
             raise  # bytes already went to the client: cannot retry
-        log.warning("backend %s failed: %s", backend.url, e.__class__.__name__)
+        log.warning("backend %s failed: %s", backend.url, str(e) or e.__class__.__name__)
         state.eject(backend)
         m.child(m.errors, "BackendError").inc()
         return "retry"
@@ -331,14 +332,14 @@ async def _forward(
 
 
 async def _stream(
-    request: web.Request, upstream: aiohttp.ClientResponse, response: web.StreamResponse, keep: bool
+    request: web.Request, upstream: UpstreamResponse, response: web.StreamResponse, keep: bool
 ) -> list[bytes]:
     """Relays a large answer chunk by chunk (never whole in memory, unless it is kept for the cache)."""
     if upstream.content_length is not None:
         response.content_length = upstream.content_length
     await response.prepare(request)
     parts: list[bytes] = []
-    async for chunk in upstream.content.iter_chunked(CHUNK):
+    async for chunk in upstream.iter_chunks():
         await response.write(chunk)
         if keep:
             parts.append(chunk)
@@ -615,6 +616,7 @@ def create_app(cfg: GatewayConfig, dispatcher: Dispatcher | None = None) -> web.
         for task in list(state.background):
             task.cancel()
         await state.session.close()
+        state.upstream.close()
         await state.cache.close()
 
     app.cleanup_ctx.append(lifecycle)

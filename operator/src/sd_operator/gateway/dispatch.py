@@ -285,12 +285,15 @@ class Dispatcher:
         return out
 
     def _rows(self, model: str, now: float, speed: float) -> list[list[Any]]:
-        """[backend, when it is free, seconds per unit, idle] for each backend that may take work."""
-        return [
-            [b, b.free_at(now), b.seconds_per_unit or speed, b.has_slot]
-            for b in self.backends.get(model, [])
-            if not b.removed and not b.ejected
-        ]
+        """[backend, when it is free, seconds per unit, idle] for each backend that may take work.
+        (Runs for every request: one pass, `now` read once instead of through the properties.)"""
+        rows = []
+        for b in self.backends.get(model, ()):
+            if b.removed or b.ejected_until > now:
+                continue
+            idle = b.inflight < b.max_inflight
+            rows.append([b, now if idle else b.free_at(now), b.seconds_per_unit or speed, idle])
+        return rows
 
     def _bind_one(self, model: str, queue: ModelQueue) -> bool:
         """Binds one waiter to an idle backend (see the module docstring); False when none should be."""

@@ -290,15 +290,21 @@ def describe_oom(width: int, height: int, batch_size: int, budget_pixels: int | 
     return text + ("; try: " + "; or ".join(tips) if tips else "") + "."
 
 
+_AS_IS = frozenset({str, int, bool, type(None)})  # values _normalise returns unchanged (most of a body)
+
+
 def _normalise(value: Any) -> Any:
     if isinstance(value, Mapping):
-        return {str(k): _normalise(v) for k, v in value.items()}
+        return {str(k): v if type(v) in _AS_IS else _normalise(v) for k, v in value.items()}
     if isinstance(value, list | tuple):
-        return [_normalise(v) for v in value]
+        return [v if type(v) in _AS_IS else _normalise(v) for v in value]
     if isinstance(value, float) and math.isfinite(value):
         value = float(f"{value:.12g}")  # 0.1 + 0.2 and 0.3 are the same setting
         return int(value) if value.is_integer() else value
     return value
+
+
+_CANONICAL_JSON = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_ascii=False)  # built once
 
 
 def canonical_request(body: Mapping[str, Any]) -> str:
@@ -309,7 +315,7 @@ def canonical_request(body: Mapping[str, Any]) -> str:
     kept = {k: v for k, v in body.items() if k not in _DELIVERY_KEYS}
     if kept.get("override_settings_restore_afterwards") is True:  # the default: settings are left unchanged
         del kept["override_settings_restore_afterwards"]
-    return json.dumps(_normalise(kept), sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return _CANONICAL_JSON.encode(_normalise(kept))
 
 
 def _is_int(value: object) -> TypeGuard[int]:
