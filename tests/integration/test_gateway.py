@@ -149,6 +149,26 @@ def test_a_backend_killed_mid_run_loses_no_request(tmp_path: Path, procs: list[P
     assert {i["url"]: i["state"] for i in instances}[doomed.url] == "ejected"
 
 
+def test_a_backend_past_the_request_timeout_is_ejected_and_the_request_retried(
+    tmp_path: Path, procs: list[Proc]
+) -> None:
+    slow = emulator(tmp_path, "slow", MODEL_A, profile="rtx3060", speed=1.0)  # seconds per image
+    quick = emulator(tmp_path, "quick", MODEL_A, speed=0.001)
+    procs += [slow, quick]
+    gw = gateway(tmp_path, [slow, quick], "--request-timeout", "1.5", "--cool-off", "60")
+    procs.append(gw)
+    started = time.monotonic()
+    with ThreadPoolExecutor(2) as pool:  # idle-only dispatch: one request on each instance
+        results = list(pool.map(lambda i: txt2img(gw, MODEL_A, seed=i), range(2)))
+    assert [r.status_code for r in results] == [200, 200]
+    assert {r.headers["X-SD-Backend"] for r in results} == {quick.url}
+    assert sorted(r.headers.get("X-SD-Attempts", "1") for r in results) == ["1", "2"]
+    assert {png_text(r)["sd-emulator-seed"] for r in results} == {"0", "1"}
+    assert time.monotonic() - started < 10  # not the slow card's time
+    instances = requests.get(f"{gw.url}/v1/instances", timeout=5).json()
+    assert {i["url"]: i["state"] for i in instances}[slow.url] == "ejected"
+
+
 def test_oversized_request_is_refused_before_any_gpu_with_the_budget(fleet: dict[str, Any]) -> None:
     before = stats(fleet["b"])["requests"].get("POST /sdapi/v1/txt2img", 0)
     r = txt2img(fleet["gw"], MODEL_B, width=2048, height=2048, batch_size=8)

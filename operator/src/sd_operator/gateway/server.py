@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import gc
 import logging
 import signal
 from pathlib import Path
@@ -67,6 +68,11 @@ async def serve(cfg: GatewayConfig, ready: asyncio.Event | None = None) -> None:
         from sd_operator.gateway.discovery import KubeDiscovery
 
         tasks.append(asyncio.create_task(KubeDiscovery(state, cfg.namespaces).run()))
+    # What startup built (the kubernetes client, kopf, pydantic models: ~110k objects) stays for good; frozen,
+    # a full collection scans only what requests leave behind (113 ms -> 0.02 ms for this part of the heap)
+    # instead of stalling every request in flight for that long.
+    gc.collect()
+    gc.freeze()
     port = runner.addresses[0][1] if runner.addresses else cfg.port
     log.info("gateway listening on http://%s:%s", cfg.host, port)
     print(f"GATEWAY_PORT={port}", flush=True)

@@ -83,6 +83,8 @@ class _Connection(asyncio.Protocol):
         self.idle_since = 0.0
         self._waiter: asyncio.Future[None] | None = None
         self._timer: asyncio.TimerHandle | None = None
+        self.base_url = ""
+        self.pool: Upstream | None = None  # set while the connection waits in the pool
 
     def set_deadline(self, deadline: float | None) -> None:
         """The exchange fails with TimeoutError at `deadline` (loop time) unless the answer is whole by then.
@@ -105,10 +107,13 @@ class _Connection(asyncio.Protocol):
         self.transport = transport  # type: ignore[assignment]
 
     def data_received(self, data: bytes) -> None:
+        if self.response is None:  # bytes nobody asked for (an idle connection): it is not usable any more
+            self.close()
+            return
         try:
             self.parser.feed_data(data)
-        except httptools.HttpParserError as e:
-            self._fail(UpstreamError(f"unparsable answer from the backend: {e}"))
+        except (httptools.HttpParserError, httptools.HttpParserUpgrade) as e:
+            self._fail(UpstreamError(f"unparsable answer from the backend: {e!r}"))
             self.close()
 
     def eof_received(self) -> bool:
@@ -117,9 +122,13 @@ class _Connection(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self.lost = True
         self._stop_timer()
+        if self.pool is not None:  # closed while idle: out of the pool
+            self.pool._forget(self)
         response = self.response
         if response is not None and not response._complete and response._error is None:
-            if response.status and "content-length" not in response.headers and not self._chunked(response):
+            if not response.status:
+                self._fail(UpstreamError(f"the backend closed the connection before answering ({exc or 'EOF'})"))
+            elif "content-length" not in response.headers and not self._chunked(response):
                 response._complete = True  # a body delimited by the end of the connection
             else:
                 self._fail(UpstreamError(f"the backend closed the connection early ({exc or 'EOF'})"))
@@ -221,6 +230,7 @@ class Upstream:
         now = time.monotonic()
         while idle:
             conn = idle.pop()
+            conn.pool = None
             if not conn.lost and now - conn.idle_since < self.idle_seconds:
                 return conn, True
             conn.close()
@@ -233,6 +243,7 @@ class Upstream:
             raise
         except OSError as e:
             raise UpstreamError(f"cannot connect to {base_url}: {e}") from e
+        conn.base_url = base_url
         return conn, False
 
     def _release(self, base_url: str, conn: _Connection) -> None:
@@ -240,9 +251,20 @@ class Upstream:
         if conn.reusable():
             conn.response = None
             conn.idle_since = time.monotonic()
+            conn.pool = self
             self._idle.setdefault(base_url, []).append(conn)
         else:
             conn.close()
+
+    def _forget(self, conn: _Connection) -> None:
+        """A pooled connection closed (by the backend, or gone with its pod): no entry is left behind."""
+        conn.pool = None
+        idle = self._idle.get(conn.base_url)
+        if idle is not None and conn in idle:
+            idle.remove(conn)
+            if not idle:
+                del self._idle[conn.base_url]
+                self._targets.pop(conn.base_url, None)
 
     async def _send(
         self, base_url: str, method: str, path: str, body: bytes, content_type: str, deadline: float | None
