@@ -166,10 +166,12 @@ class Fleet:
             time.sleep(0.1)
         raise RuntimeError(f"gateway did not register {len(backends)} backends: {log.read_text()[-2000:]}")
 
-    def nginx_stub(self, count: int, answers: dict[str, bytes], core: int | None = None) -> tuple[Proc, list[str]]:
+    def nginx_stub(
+        self, count: int, answers: dict[str, bytes], core: int | None = None, name: str = "nginx-stub"
+    ) -> tuple[Proc, list[str]]:
         """One nginx serving `count` ports that answer each path in `answers` (any method) with its recorded
         JSON body, instantly: a WebUI stand-in that costs next to nothing, to find the gateway's own limit."""
-        root = self.tmp / "nginx-stub"
+        root = self.tmp / name
         root.mkdir(exist_ok=True)
         locations = ""
         for path, body in answers.items():
@@ -194,7 +196,7 @@ class Fleet:
         )
         log = root / "stdout.log"
         process = _spawn("nginx", pinned([NGINX, "-c", str(conf), "-p", str(root)], core), log)
-        proc = Proc("nginx-stub", process, "", log)
+        proc = Proc(name, process, "", log)
         self.procs.append(proc)
         urls = [f"http://127.0.0.1:{port}" for port in ports]
         proc.url = urls[0]

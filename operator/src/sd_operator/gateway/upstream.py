@@ -9,8 +9,8 @@ whole or in chunks, with flow control. Rare calls (probes, interrupts, GETs) sti
 
 Errors: everything that goes wrong on the way (refused, reset, closed early, unparsable answer)
 raises `UpstreamError`; a timeout raises TimeoutError. A kept-alive connection that the backend
-closed while idle (uvicorn closes idle connections after 5 s) fails before any answer byte; that
-one case is retried once on a new connection, since the backend cannot have seen the request.
+closed while idle fails before any answer byte; that one case is retried once on a new connection,
+since the backend cannot have seen the request.
 """
 
 from __future__ import annotations
@@ -205,9 +205,10 @@ class _Connection(asyncio.Protocol):
 class Upstream:
     """Keep-alive connection pools, one per backend address."""
 
-    def __init__(self, idle_seconds: float = 4.0) -> None:
-        # Shorter than uvicorn's default keep-alive (5 s): a connection is dropped by us before the
-        # backend drops it, so the stale-connection race is rare (and handled when it happens).
+    def __init__(self, idle_seconds: float = 20.0) -> None:
+        # Shorter than the WebUI's keep-alive (its --timeout-keep-alive, 30 s by default): we drop a connection
+        # before the backend does, so the stale-connection race is rare (and handled when it happens, e.g.
+        # behind a server with a shorter limit, such as plain uvicorn's 5 s).
         self.idle_seconds = idle_seconds
         self._idle: dict[str, list[_Connection]] = {}
         self._targets: dict[str, tuple[str, int, ssl.SSLContext | None, bytes]] = {}
