@@ -312,6 +312,20 @@ def test_generationbatch_work_is_immutable_but_concurrency_is_not(api: client.Cu
     assert "spec.items" in json.loads(rejected.value.body)["message"]
 
 
+def test_generationbatch_key_and_inputs_are_immutable(api: client.CustomObjectsApi, namespace: str) -> None:
+    body = copy.deepcopy(GB)
+    body["spec"] |= {"apiKeySecret": {"name": "batch-key", "key": "token"}, "inputs": {"claimName": "data"}}
+    create(api, namespace, body)
+    for patch, field in (
+        ({"spec": {"apiKeySecret": {"key": "other"}}}, "spec.apiKeySecret"),
+        ({"spec": {"inputs": {"path": "poses"}}}, "spec.inputs"),
+    ):
+        with pytest.raises(ApiException) as rejected:
+            api.patch_namespaced_custom_object(GROUP, VERSION, namespace, "generationbatches", "x", patch)
+        message = json.loads(rejected.value.body)["message"]
+        assert field in message and "immutable" in message, message
+
+
 def test_kubectl_explain_shows_the_descriptions(api: client.CustomObjectsApi, cluster: Cluster) -> None:
     out = " ".join(kubectl(cluster, "explain", "sdinstance.spec.webui.vramMode").split())
     assert "lowvram under 8 GiB" in out and "ENUM: auto" in out

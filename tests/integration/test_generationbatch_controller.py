@@ -78,6 +78,27 @@ def test_batch_becomes_a_job_that_succeeds(
     )
 
 
+def test_api_key_and_inputs_reach_the_runner_pod(
+    cluster: Cluster, operator: Operator, custom: client.CustomObjectsApi, namespace: str
+) -> None:
+    key, inputs = {"name": "batch-key", "key": "token"}, {"claimName": "data", "path": "poses"}
+    body = batch("b6", apiKeySecret=key, inputs=inputs)
+    custom.create_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, body)
+    # The Job as the API server stored it (its pod waits for the claim, which this test does not make).
+    job = wait_for(lambda: cluster.batch.list_namespaced_job(namespace, field_selector="metadata.name=b6-batch").items,
+                   timeout=60, what="the Job of b6")  # fmt: skip
+    pod = job[0].spec.template.spec
+    runner = pod.containers[0]
+    assert runner.command[runner.command.index("--api-key-env") + 1] == "SD_API_KEY"
+    assert runner.command[runner.command.index("--inputs-dir") + 1] == "/var/run/sd-batch/inputs"
+    key = next(e for e in runner.env if e.name == "SD_API_KEY").value_from.secret_key_ref
+    assert (key.name, key.key) == ("batch-key", "token")
+    inputs = next(v for v in pod.volumes if v.name == "inputs").persistent_volume_claim
+    assert inputs.claim_name == "data" and inputs.read_only
+    mount = next(m for m in runner.volume_mounts if m.name == "inputs")
+    assert mount.sub_path == "poses" and mount.read_only
+
+
 def test_instance_target_resolves_to_the_instances_model(
     operator: Operator, custom: client.CustomObjectsApi, namespace: str
 ) -> None:

@@ -72,6 +72,23 @@ def test_s3_output_takes_credentials_from_the_secret() -> None:
     assert gb.output_location(spec, "ns") == "s3://out/p"
 
 
+def test_api_key_comes_from_the_secret_and_control_images_from_the_inputs_claim() -> None:
+    spec = batch_spec(apiKeySecret={"name": "batch-key", "key": "token"}, inputs={"claimName": "data", "path": "poses"})
+    container = gb.render_job(OWNER, spec, "m", SETTINGS, "http://gw")["spec"]["template"]["spec"]["containers"][0]
+    cmd = container["command"]
+    assert cmd[cmd.index("--api-key-env") + 1] == gb.API_KEY_ENV
+    assert cmd[cmd.index("--inputs-dir") + 1] == gb.INPUTS_DIR
+    key_env = next(e for e in container["env"] if e["name"] == gb.API_KEY_ENV)
+    assert key_env == {"name": gb.API_KEY_ENV, "valueFrom": {"secretKeyRef": {"name": "batch-key", "key": "token"}}}
+    assert not any("batch-key" in arg or "token" in arg for arg in cmd)  # the key never on the command line
+    mounts = {m["name"]: m for m in container["volumeMounts"]}
+    assert mounts["inputs"] == {"name": "inputs", "mountPath": gb.INPUTS_DIR, "readOnly": True, "subPath": "poses"}
+    plain = gb.render_job(OWNER, batch_spec(), "m", SETTINGS, "http://gw")["spec"]["template"]["spec"]
+    assert "--api-key-env" not in plain["containers"][0]["command"]
+    assert "--inputs-dir" not in plain["containers"][0]["command"]
+    assert "inputs" not in {v["name"] for v in plain["volumes"]}
+
+
 def test_the_runner_logs_in_the_operators_format() -> None:
     for fmt in ("json", "plain"):
         settings = RenderSettings(operator_image="op:1", log_format=fmt)

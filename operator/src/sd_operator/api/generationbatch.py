@@ -13,6 +13,7 @@ from sd_operator.api.base import (
     PodMetadata,
     PVCPath,
     S3Location,
+    SecretKeyRef,
     exactly_one,
     immutable,
     rule,
@@ -148,6 +149,18 @@ class GenerationBatchSpec(ApiModel):
     pod_metadata: PodMetadata | None = Field(None, description="Extra labels and annotations for the runner's pod.")
     gateway_url: str | None = Field(
         None, description="Services layer URL; default: the operator's configured gateway.", pattern=r"^https?://.+"
+    )
+    api_key_secret: SecretKeyRef | None = Field(
+        None,
+        description="The runner's API key for the services layer, from a key of a Secret in this namespace "
+        "(needed when the gateway's API keys are on; the key's tenant and priority apply).",
+        json_schema_extra=immutable("apiKeySecret"),
+    )
+    inputs: PVCPath | None = Field(
+        None,
+        description="A folder on a PersistentVolumeClaim that ControlNet images given as file names "
+        "(instead of base64) are read from.",
+        json_schema_extra=immutable("inputs"),
     )
 
 

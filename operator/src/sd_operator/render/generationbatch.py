@@ -21,6 +21,8 @@ BATCH_LABEL = f"{API_GROUP}/batch"
 BATCH_DIR = "/etc/sd-batch"
 ITEMS_DIR = "/var/run/sd-batch/items"
 OUTPUT_DIR = "/var/run/sd-batch/output"
+INPUTS_DIR = "/var/run/sd-batch/inputs"
+API_KEY_ENV = "SD_API_KEY"  # the runner reads the key from this variable (never from its command line)
 # The runner's "finished, but some items failed for good" exit code: fail the Job without retrying.
 PERMANENT_FAILURE_EXIT = 3
 RUNNER_RETRIES = 3  # pod restarts after crashes or evictions; each restart resumes
@@ -116,6 +118,10 @@ def runner_args(spec: GenerationBatchSpec, model: str, gateway_url: str) -> list
         args += ["--items-file", f"{ITEMS_DIR}/items.jsonl"]
     if spec.output.pvc:
         args += ["--output-dir", OUTPUT_DIR]
+    if spec.inputs:
+        args += ["--inputs-dir", INPUTS_DIR]
+    if spec.api_key_secret:
+        args += ["--api-key-env", API_KEY_ENV]
     # concurrency and priority are read from the batch file: a Job's pod template cannot change.
     return args
 
@@ -149,10 +155,21 @@ def render_job(
                 "readOnly": True,
             }
         )
+    if spec.inputs:
+        inputs: dict[str, Any] = {"name": "inputs", "mountPath": INPUTS_DIR, "readOnly": True}
+        if spec.inputs.path:
+            inputs["subPath"] = spec.inputs.path
+        volumes.append(
+            {"name": "inputs", "persistentVolumeClaim": {"claimName": spec.inputs.claim_name, "readOnly": True}}
+        )
+        mounts.append(inputs)
     env: list[dict[str, Any]] = [
         {"name": "SD_BATCH_NAME", "value": meta["name"]},
         {"name": "SD_LOG_FORMAT", "value": settings.log_format},
     ]
+    if spec.api_key_secret:
+        ref = {"name": spec.api_key_secret.name, "key": spec.api_key_secret.key}
+        env.append({"name": API_KEY_ENV, "valueFrom": {"secretKeyRef": ref}})
     if spec.output.pvc:
         out: dict[str, Any] = {"name": "output", "mountPath": OUTPUT_DIR}
         if spec.output.pvc.path:
