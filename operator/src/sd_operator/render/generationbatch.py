@@ -168,8 +168,8 @@ def render_job(
         {"name": "SD_LOG_FORMAT", "value": settings.log_format},
     ]
     if spec.api_key_secret:
-        ref = {"name": spec.api_key_secret.name, "key": spec.api_key_secret.key}
-        env.append({"name": API_KEY_ENV, "valueFrom": {"secretKeyRef": ref}})
+        key_ref = {"name": spec.api_key_secret.name, "key": spec.api_key_secret.key}
+        env.append({"name": API_KEY_ENV, "valueFrom": {"secretKeyRef": key_ref}})
     if spec.output.pvc:
         out: dict[str, Any] = {"name": "output", "mountPath": OUTPUT_DIR}
         if spec.output.pvc.path:
