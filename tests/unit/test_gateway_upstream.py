@@ -5,7 +5,9 @@ that a WebUI or a proxy in front of it can produce, which the emulator cannot be
 from __future__ import annotations
 
 import asyncio
+import datetime
 import socket
+import ssl
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -63,9 +65,12 @@ class Backend:
         finally:
             writer.close()
 
+    tls: ssl.SSLContext | None = None
+
     async def __aenter__(self) -> Backend:
-        self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
-        self.url = f"http://127.0.0.1:{self.server.sockets[0].getsockname()[1]}"
+        self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0, ssl=self.tls)
+        scheme = "https" if self.tls else "http"
+        self.url = f"{scheme}://127.0.0.1:{self.server.sockets[0].getsockname()[1]}"
         return self
 
     async def __aexit__(self, *exc: Any) -> None:
@@ -298,4 +303,55 @@ def test_an_answer_left_unread_closes_its_connection() -> None:
         assert backend.connections == 2
 
     backend = Backend(answer)
+    run(main())
+
+
+def self_signed(tmp_path: Any) -> tuple[ssl.SSLContext, ssl.SSLContext]:
+    """A server context with a certificate for 127.0.0.1, and a client context that trusts only it."""
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=1))
+        .not_valid_after(now + datetime.timedelta(hours=1))
+        .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), False)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), True)
+        .sign(key, hashes.SHA256())
+    )
+    cert_file, key_file = tmp_path / "cert.pem", tmp_path / "key.pem"
+    cert_file.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_file.write_bytes(
+        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    )
+    server = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    server.load_cert_chain(cert_file, key_file)
+    return server, ssl.create_default_context(cafile=str(cert_file))
+
+
+def test_https_backends_are_verified(tmp_path: Any) -> None:
+    server_tls, client_tls = self_signed(tmp_path)
+
+    async def answer(seen: Seen, w: asyncio.StreamWriter) -> bool:
+        w.write(plain(b'{"tls":true}'))
+        return True
+
+    async def main() -> None:
+        async with backend:
+            assert (await fetch(Upstream(tls=client_tls), backend.url))[2] == b'{"tls":true}'
+            with pytest.raises(UpstreamError, match="CERTIFICATE_VERIFY_FAILED"):
+                await fetch(Upstream(), backend.url)  # the system's CAs do not know this certificate
+
+    backend = Backend(answer, tls=server_tls)
     run(main())

@@ -205,13 +205,15 @@ class _Connection(asyncio.Protocol):
 class Upstream:
     """Keep-alive connection pools, one per backend address."""
 
-    def __init__(self, idle_seconds: float = 20.0) -> None:
+    def __init__(self, idle_seconds: float = 20.0, tls: ssl.SSLContext | None = None) -> None:
         # Shorter than the WebUI's keep-alive (its --timeout-keep-alive, 30 s by default): we drop a connection
         # before the backend does, so the stale-connection race is rare (and handled when it happens, e.g.
         # behind a server with a shorter limit, such as plain uvicorn's 5 s).
         self.idle_seconds = idle_seconds
         self._idle: dict[str, list[_Connection]] = {}
         self._targets: dict[str, tuple[str, int, ssl.SSLContext | None, bytes]] = {}
+        # For https backends: one context for all (building one takes milliseconds); the system's CAs unless given.
+        self._tls = tls
 
     def _target(self, base_url: str) -> tuple[str, int, ssl.SSLContext | None, bytes]:
         target = self._targets.get(base_url)
@@ -219,7 +221,9 @@ class Upstream:
             parts = urlsplit(base_url)
             if parts.scheme not in ("http", "https") or not parts.hostname:
                 raise UpstreamError(f"not an http(s) URL: {base_url!r}")
-            tls = ssl.create_default_context() if parts.scheme == "https" else None
+            tls = None
+            if parts.scheme == "https":
+                tls = self._tls = self._tls or ssl.create_default_context()
             port = parts.port or (443 if tls else 80)
             target = (parts.hostname, port, tls, parts.netloc.encode("idna"))
             self._targets[base_url] = target
@@ -281,7 +285,10 @@ class Upstream:
             response = conn.response = UpstreamResponse(conn)
             conn.set_deadline(deadline)
             assert conn.transport is not None
-            conn.transport.writelines((head, body)) if len(body) > 65536 else conn.transport.write(head + body)
+            if len(body) > 65536:
+                conn.transport.writelines((head, body))  # a large body is not copied to join it to the head
+            else:
+                conn.transport.write(head + body)  # one segment
             try:
                 while not response.status:
                     if response._error is not None:
