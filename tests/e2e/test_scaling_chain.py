@@ -50,10 +50,11 @@ def images_by_pod(chain: Chain, pods: list[client.V1Pod]) -> dict[str, int]:
 def test_scale_one_to_three_spreads_work_and_back_to_one_loses_none(
     chain: Chain, custom: client.CustomObjectsApi, namespace: str
 ) -> None:
-    custom.create_namespaced_custom_object(
-        GROUP, VERSION, namespace, "sdinstances", instance("scaled", CHECKPOINT, sha=stand_in_sha256(CHECKPOINT))
+    # No sha256 declared: the status shows the one the fetchers computed (the same bytes on every replica).
+    custom.create_namespaced_custom_object(GROUP, VERSION, namespace, "sdinstances", instance("scaled", CHECKPOINT))
+    assert wait_phase(custom, namespace, "scaled", "Ready", timeout=180)["status"]["modelSHA256"] == stand_in_sha256(
+        CHECKPOINT
     )
-    wait_phase(custom, namespace, "scaled", "Ready", timeout=180)
     kubectl = [str(ROOT / ".local/bin/kubectl"), f"--kubeconfig={chain.cluster.kubeconfig}", "-n", namespace]
     subprocess.run([*kubectl, "scale", "sdinstance/scaled", "--replicas=3"], check=True, capture_output=True)
     wait_for(
@@ -61,6 +62,7 @@ def test_scale_one_to_three_spreads_work_and_back_to_one_loses_none(
         timeout=180,
         what="3/3 replicas ready",
     )
+    assert get(custom, namespace, "sdinstances", "scaled")["status"]["modelSHA256"] == stand_in_sha256(CHECKPOINT)
     pods = webui_pods(chain, namespace, "scaled")
     assert len(pods) == 3
     wait_for(lambda: discovered(chain, [p.status.pod_ip for p in pods]), timeout=60, what="3 backends in the gateway")

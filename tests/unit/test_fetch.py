@@ -26,8 +26,9 @@ from safetensors.numpy import save_file
 from helpers import wait_for
 from sd_operator.fetch import fetcher
 from sd_operator.fetch.fetcher import FetchError, Options, fetch_all
-from sd_operator.fetch.manifest import Manifest, parse_manifest
+from sd_operator.fetch.manifest import Manifest, fetched_digests, parse_manifest
 from sd_operator.fetch.safetensors_check import check_safetensors
+from sd_operator.termination import MAX_CHARS
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -240,6 +241,34 @@ def test_main_succeeds_and_add_parser_registers_fetch_model(tmp_path: Path, http
     args = parser.parse_args(["fetch-model", "--manifest", str(path), "--models-dir", str(tmp_path / "m")])
     assert args.func(args) == 0
     assert (tmp_path / "m" / "Stable-diffusion" / "c.yaml").read_bytes() == b"model: {}\n"
+
+
+def test_success_leaves_every_files_sha256_for_the_status(
+    tmp_path: Path, http: tuple[Served, str], model: bytes, termination_log: Path
+) -> None:
+    state, base = http
+    state.files["/m.safetensors"] = model
+    state.files["/l.yaml"] = b"trigger: ohwx\n"
+    files = [
+        {"name": "m.safetensors", "subdir": SUBDIR, "url": f"{base}/m.safetensors"},
+        {"name": "l.yaml", "subdir": "Lora", "url": f"{base}/l.yaml"},
+    ]
+    path = tmp_path / "manifest.json"
+    path.write_text(json.dumps({"files": files}))
+    assert fetcher.main(["--manifest", str(path), "--models-dir", str(tmp_path / "models")]) == 0
+    digests = fetched_digests(termination_log.read_text())
+    assert digests == {f"{SUBDIR}/m.safetensors": sha(model), "Lora/l.yaml": sha(b"trigger: ohwx\n")}
+
+
+def test_a_summary_too_long_for_the_message_keeps_the_checkpoints() -> None:
+    def result(subdir: str, name: str) -> fetcher.FetchResult:
+        return fetcher.FetchResult(name, subdir, Path(name), 1, "ab" * 32, "fetched")
+
+    results = [result(SUBDIR, "ckpt.safetensors")] + [result("Lora", f"lora-{i:03}.safetensors") for i in range(60)]
+    line = fetcher.fetched_summary(results)
+    assert len(line) <= MAX_CHARS and fetched_digests(line) == {f"{SUBDIR}/ckpt.safetensors": "ab" * 32}
+    assert len(fetcher.fetched_summary(results[:5])) < MAX_CHARS  # all five fit: all five are listed
+    assert len(fetched_digests(fetcher.fetched_summary(results[:5]))) == 5
 
 
 def test_http_errors_name_the_file_status_and_url_without_query(tmp_path: Path, http: tuple[Served, str]) -> None:

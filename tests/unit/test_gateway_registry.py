@@ -64,3 +64,9 @@ def test_declared_model_reads_phase_and_only_a_not_ready_reason() -> None:
     ready = declared_model(instance("a", "m.safetensors", "Ready", {"status": "True", "message": "serving"}))
     assert ready is not None and (ready.phase, ready.message, ready.instance) == ("Ready", None, "art/a")
     assert declared_model({"metadata": {"namespace": "art", "name": "x"}, "spec": {}}) is None
+    # No declared sha256: the one the instance's fetchers computed (status.modelSHA256) names it too.
+    computed = instance("c", "m.safetensors", "Loading")
+    del computed["spec"]["model"]["checkpoint"]["sha256"]
+    assert declared_model(computed).sha256 is None  # type: ignore[union-attr]
+    computed["status"]["modelSHA256"] = SHA
+    assert declared_model(computed).sha256 == SHA  # type: ignore[union-attr]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 from typing import Any
 
@@ -539,6 +540,29 @@ def test_model_sha256_is_the_declared_one(declared: str | None, expected: str | 
     status = status_of(views(ready_pod()), spec=make_spec(sha256=declared))
     assert "modelSHA256" in status  # None is written, to remove a stale value with a merge patch
     assert status["modelSHA256"] == expected
+
+
+def fetched_pod(name: str, message: str, ready: bool = True) -> dict[str, Any]:
+    pod = ready_pod(name) if ready else loading_pod(name)
+    pod["status"]["initContainerStatuses"] = [fetch_status(terminated(0, message, reason="Completed"))]
+    return pod
+
+
+def summary(digest: str, extra: dict[str, str] | None = None) -> str:
+    return json.dumps({"sha256": {"Stable-diffusion/ckpt.safetensors": digest, **(extra or {})}})
+
+
+def test_undeclared_sha256_comes_from_what_the_fetchers_computed() -> None:
+    lora = {"Lora/style.safetensors": "cd" * 32}
+    pods = views(fetched_pod("a", summary("ab" * 32, lora)), fetched_pod("b", summary("AB" * 32), ready=False))
+    assert status_of(pods, replicas=2)["modelSHA256"] == "ab" * 32  # loading pods count; hex is lower case
+    # Pods that fetched different bytes (a source that changed between them): no hash rather than one.
+    split = views(fetched_pod("a", summary("ab" * 32)), fetched_pod("b", summary("ef" * 32)))
+    assert status_of(split, replicas=2)["modelSHA256"] is None
+    # A declared hash wins (the fetcher refuses any other bytes); a message that is not a summary is ignored.
+    assert status_of(pods, spec=make_spec(replicas=2, sha256="12" * 32))["modelSHA256"] == "12" * 32
+    assert status_of(views(fetched_pod("a", "done")))["modelSHA256"] is None
+    assert status_of(views(fetched_pod("a", summary("ab" * 32), ready=False)))["phase"] == "Loading"
 
 
 def test_selector_endpoint_and_gpu() -> None:

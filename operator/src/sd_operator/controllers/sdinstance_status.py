@@ -10,6 +10,7 @@ from typing import Any
 
 from sd_operator.api.sdinstance import Phase, SDInstanceSpec
 from sd_operator.conditions import set_condition
+from sd_operator.fetch.manifest import CHECKPOINT_SUBDIR, fetched_digests
 from sd_operator.render.sdinstance import endpoint, gpu_summary, selector_labels
 
 IMAGE_PULL_REASONS = {"ErrImagePull", "ImagePullBackOff", "InvalidImageName", "ErrImageNeverPull"}
@@ -54,9 +55,13 @@ def pod_view(pod: dict[str, Any]) -> dict[str, Any]:
             "reason": scheduled.get("reason") or "Unschedulable",
             "message": scheduled.get("message") or "the pod cannot be scheduled",
         }
+    fetched: dict[str, str] = {}
     for init in status.get("initContainerStatuses") or []:
         if init.get("name") != FETCH_CONTAINER:
             continue
+        done = (init.get("state") or {}).get("terminated") or {}
+        if done.get("exitCode") == 0:
+            fetched = fetched_digests(done.get("message") or "")
         failed = _terminated_message(init)
         if failed:
             code, message = failed
@@ -84,9 +89,11 @@ def pod_view(pod: dict[str, Any]) -> dict[str, Any]:
             detail = crashed[1] if crashed and crashed[1] else waiting.get("message") or "restarting"
             return {"name": name, "state": FAILED, "reason": "CrashLoopBackOff", "message": f"WebUI crashes: {detail}"}
         if container.get("ready"):
-            return {"name": name, "state": READY, "reason": "Ready", "message": "model loaded, API answers"}
+            view = {"name": name, "state": READY, "reason": "Ready", "message": "model loaded, API answers"}
+            return {**view, "fetched": fetched}
         if "running" in (container.get("state") or {}):
-            return {"name": name, "state": LOADING, "reason": "Loading", "message": "loading the model"}
+            view = {"name": name, "state": LOADING, "reason": "Loading", "message": "loading the model"}
+            return {**view, "fetched": fetched}
     return {"name": name, "state": PENDING, "reason": "Pending", "message": "waiting for the pod to start"}
 
 
@@ -166,7 +173,16 @@ def derive_status(
     }
     if gen is not None:
         status["observedGeneration"] = gen
-    # Only a declared checksum is known to be the loaded model's; None removes a stale one (merge patch).
-    sha = spec.model.checkpoint.sha256
-    status["modelSHA256"] = sha.lower() if sha else None
+    status["modelSHA256"] = model_sha256(spec, live)  # None removes a stale one (merge patch)
     return status
+
+
+def model_sha256(spec: SDInstanceSpec, pods: list[dict[str, Any]]) -> str | None:
+    """The checkpoint's sha256: the declared one (the fetcher refuses other bytes), else the one the fetchers
+    of the running pods computed, when they agree (pods that fetched different bytes from a changing source
+    show none rather than one of them)."""
+    if spec.model.checkpoint.sha256:
+        return spec.model.checkpoint.sha256.lower()
+    key = f"{CHECKPOINT_SUBDIR}/{spec.model.checkpoint.name}"
+    seen = {p["fetched"][key] for p in pods if key in (p.get("fetched") or {})}
+    return seen.pop() if len(seen) == 1 else None

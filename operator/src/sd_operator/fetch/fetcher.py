@@ -20,10 +20,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from sd_operator.fetch.manifest import FetchError, FileSpec, Manifest, load_manifest
+from sd_operator.fetch.manifest import CHECKPOINT_SUBDIR, FETCHED_KEY, FetchError, FileSpec, Manifest, load_manifest
 from sd_operator.fetch.safetensors_check import check_safetensors
 from sd_operator.fetch.sources import CHUNK, Options, PartialFile, Progress, human, safe_url, strip_queries, transfer
-from sd_operator.termination import write_termination_message
+from sd_operator.termination import MAX_CHARS, write_termination_message
 
 __all__ = ["FetchError", "FetchResult", "Options", "add_parser", "fetch_all", "fetch_file", "main"]
 
@@ -235,7 +235,19 @@ def command(args: argparse.Namespace) -> int:
         write_termination_message(line, env)
         return 1
     log_stderr(f"{len(results)} model file(s) ready in {args.models_dir}")
+    write_termination_message(fetched_summary(results), env)
     return 0
+
+
+def fetched_summary(results: list[FetchResult]) -> str:
+    """One JSON line with the sha256 of every file, for the termination message the operator reads (it
+    holds 4 KiB: when every file does not fit, the checkpoints alone, whose hash the status reports)."""
+    digests = {f"{r.subdir}/{r.name}": r.sha256 for r in results}
+    line = json.dumps({FETCHED_KEY: digests}, separators=(",", ":"))
+    if len(line) > MAX_CHARS:
+        checkpoints = {k: v for k, v in digests.items() if k.startswith(f"{CHECKPOINT_SUBDIR}/")}
+        line = json.dumps({FETCHED_KEY: checkpoints}, separators=(",", ":"))
+    return line
 
 
 def _arguments(p: argparse.ArgumentParser) -> None:

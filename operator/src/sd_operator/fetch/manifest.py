@@ -21,6 +21,22 @@ ENV_NAME = r"^[A-Za-z_][A-Za-z0-9_]*$"
 HEADER_NAME = r"^[A-Za-z0-9!#$%&'*+.^_`|~-]+$"  # an HTTP token (RFC 9110)
 
 
+CHECKPOINT_SUBDIR = "Stable-diffusion"  # the WebUI's checkpoint folder under the models folder
+FETCHED_KEY = "sha256"  # the fetcher's success message: {"sha256": {"<subdir>/<name>": "<hex>"}}
+
+
+def fetched_digests(message: str) -> dict[str, str]:
+    """The sha256 per file from a fetcher's termination message ({} when it is not one)."""
+    try:
+        doc = json.loads(message)
+    except ValueError:
+        return {}
+    digests = doc.get(FETCHED_KEY) if isinstance(doc, dict) else None
+    if not isinstance(digests, dict):
+        return {}
+    return {str(k): str(v).lower() for k, v in digests.items() if isinstance(v, str)}
+
+
 class FetchError(Exception):
     """A failure explained in one line that names the file and never contains a secret value."""
 

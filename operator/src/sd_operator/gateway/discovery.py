@@ -69,7 +69,8 @@ def declared_model(instance: dict[str, Any]) -> DeclaredModel | None:
     return DeclaredModel(
         model=checkpoint["name"],
         instance=f"{meta['namespace']}/{meta['name']}",
-        sha256=(checkpoint.get("sha256") or "").lower() or None,
+        # Declared, else what the instance's fetchers computed (status): either names the model by hash.
+        sha256=(checkpoint.get("sha256") or status.get("modelSHA256") or "").lower() or None,
         phase=status.get("phase"),
         message=ready.get("message") if ready.get("status") != "True" else None,
     )

@@ -16,6 +16,7 @@ from sd_operator import API_GROUP
 from sd_operator.api.base import SecretKeyRef
 from sd_operator.api.models import ModelFamily, ModelFile
 from sd_operator.api.sdinstance import Attention, SDInstanceSpec, VRAMMode
+from sd_operator.fetch.manifest import CHECKPOINT_SUBDIR
 from sd_operator.render.common import (
     INSTANCE_LABEL,
     MANAGED_BY,
@@ -42,7 +43,7 @@ CONFIG_DIR = "/etc/sd-operator"
 SOURCES_DIR = "/sources"
 # Folders under the model cache, as the WebUI names them.
 SUBDIRS = {
-    "checkpoint": "Stable-diffusion",
+    "checkpoint": CHECKPOINT_SUBDIR,
     "vae": "VAE",
     "lora": "Lora",
     "controlnet": "ControlNet",
