@@ -289,41 +289,42 @@ def test_pickle_checkpoint_is_accepted_when_explicitly_allowed(api: client.Custo
 def test_lorajob_training_is_immutable_but_suspend_is_not(api: client.CustomObjectsApi, namespace: str) -> None:
     create(api, namespace, copy.deepcopy(LJ))
     api.patch_namespaced_custom_object(GROUP, VERSION, namespace, "lorajobs", "x", {"spec": {"suspend": True}})
-    for patch, field in (
+    assert_immutable(
+        api,
+        namespace,
+        "lorajobs",
         ({"spec": {"training": {"networkDim": 64}}}, "spec.training"),
         ({"spec": {"dataset": {"triggerWord": "other"}}}, "spec.dataset"),
         ({"spec": {"output": {"name": "other"}}}, "spec.output"),
-    ):
+    )
+
+
+def assert_immutable(
+    api: client.CustomObjectsApi, namespace: str, plural: str, *patches: tuple[dict[str, Any], str]
+) -> None:
+    """Each patch of object x is refused by the API server with a message naming the field as immutable."""
+    for patch, field in patches:
         with pytest.raises(ApiException) as rejected:
-            api.patch_namespaced_custom_object(GROUP, VERSION, namespace, "lorajobs", "x", patch)
+            api.patch_namespaced_custom_object(GROUP, VERSION, namespace, plural, "x", patch)
         message = json.loads(rejected.value.body)["message"]
         assert field in message and "immutable" in message, message
 
 
 def test_generationbatch_work_is_immutable_but_concurrency_is_not(api: client.CustomObjectsApi, namespace: str) -> None:
-    create(api, namespace, copy.deepcopy(GB))
-    api.patch_namespaced_custom_object(
-        GROUP, VERSION, namespace, "generationbatches", "x", {"spec": {"concurrency": 8, "suspend": True}}
-    )
-    with pytest.raises(ApiException) as rejected:
-        api.patch_namespaced_custom_object(
-            GROUP, VERSION, namespace, "generationbatches", "x", {"spec": {"items": {"inline": [{"prompt": "a bird"}]}}}
-        )
-    assert "spec.items" in json.loads(rejected.value.body)["message"]
-
-
-def test_generationbatch_key_and_inputs_are_immutable(api: client.CustomObjectsApi, namespace: str) -> None:
     body = copy.deepcopy(GB)
     body["spec"] |= {"apiKeySecret": {"name": "batch-key", "key": "token"}, "inputs": {"claimName": "data"}}
     create(api, namespace, body)
-    for patch, field in (
+    api.patch_namespaced_custom_object(
+        GROUP, VERSION, namespace, "generationbatches", "x", {"spec": {"concurrency": 8, "suspend": True}}
+    )
+    assert_immutable(
+        api,
+        namespace,
+        "generationbatches",
+        ({"spec": {"items": {"inline": [{"prompt": "a bird"}]}}}, "spec.items"),
         ({"spec": {"apiKeySecret": {"key": "other"}}}, "spec.apiKeySecret"),
         ({"spec": {"inputs": {"path": "poses"}}}, "spec.inputs"),
-    ):
-        with pytest.raises(ApiException) as rejected:
-            api.patch_namespaced_custom_object(GROUP, VERSION, namespace, "generationbatches", "x", patch)
-        message = json.loads(rejected.value.body)["message"]
-        assert field in message and "immutable" in message, message
+    )
 
 
 def test_kubectl_explain_shows_the_descriptions(api: client.CustomObjectsApi, cluster: Cluster) -> None:
