@@ -88,12 +88,13 @@ def pod_view(pod: dict[str, Any]) -> dict[str, Any]:
             crashed = _terminated_message(container)
             detail = crashed[1] if crashed and crashed[1] else waiting.get("message") or "restarting"
             return {"name": name, "state": FAILED, "reason": "CrashLoopBackOff", "message": f"WebUI crashes: {detail}"}
+        # Past the fetch: what it computed goes with the view (the status reports the checkpoint's hash).
         if container.get("ready"):
-            view = {"name": name, "state": READY, "reason": "Ready", "message": "model loaded, API answers"}
-            return {**view, "fetched": fetched}
+            return {"name": name, "state": READY, "reason": "Ready", "message": "model loaded, API answers",
+                    "fetched": fetched}  # fmt: skip
         if "running" in (container.get("state") or {}):
-            view = {"name": name, "state": LOADING, "reason": "Loading", "message": "loading the model"}
-            return {**view, "fetched": fetched}
+            return {"name": name, "state": LOADING, "reason": "Loading", "message": "loading the model",
+                    "fetched": fetched}  # fmt: skip
     return {"name": name, "state": PENDING, "reason": "Pending", "message": "waiting for the pod to start"}
 
 

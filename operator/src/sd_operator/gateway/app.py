@@ -39,7 +39,7 @@ log = logging.getLogger("sd_operator.gateway")
 access_log = logging.getLogger("sd_operator.gateway.access")
 OPEN_PATHS = {"/healthz", "/readyz", "/metrics", "/openapi.json"}
 HOP_HEADERS = {"connection", "keep-alive", "transfer-encoding", "content-length", "server", "date"}
-CHUNK = 256 * 1024
+SMALL_ANSWER = 256 * 1024  # answers up to this size go to the client in one write
 SWITCH_ADVICE = (
     "this gateway never switches a backend's model: every instance serves one fixed model. Choose the model "
     "per request with override_settings.sd_model_checkpoint or the X-SD-Model header; GET /sdapi/v1/sd-models "
@@ -274,7 +274,6 @@ async def _forward(
     tenant: str,
 ) -> web.StreamResponse | str:
     """Sends the request to one backend. Returns the client's response, or 'retry' / 'oom'."""
-    assert state.session is not None
     started = time.perf_counter()
     response: web.StreamResponse | None = None
     state.running.setdefault(tenant, set()).add(backend)
@@ -299,7 +298,7 @@ async def _forward(
             # Only plain 200 answers are kept (a compressed body would be served later without its encoding).
             keep = key is not None and upstream.status == 200 and "content-encoding" not in upstream.headers
             length = upstream.content_length
-            if length is not None and length <= CHUNK:
+            if length is not None and length <= SMALL_ANSWER:
                 # A small answer goes out in one piece (headers and body in one write).
                 parts = [await upstream.read()]
                 response = web.Response(status=upstream.status, headers=headers, body=parts[0])
@@ -605,13 +604,7 @@ def create_app(cfg: GatewayConfig, dispatcher: Dispatcher | None = None) -> web.
     r.add_get("/openapi.json", openapi)
 
     async def lifecycle(app: web.Application) -> Any:
-        state.session = aiohttp.ClientSession(
-            connector=aiohttp.TCPConnector(limit=0, keepalive_timeout=60),
-            cookie_jar=aiohttp.DummyCookieJar(),  # backends set no cookies worth keeping; skips the jar's work
-            # Answers come back uncompressed: the WebUI's GZip middleware would spend CPU on both ends of a
-            # hop inside the cluster, and the gateway relays the bytes as they are.
-            skip_auto_headers=("Accept-Encoding",),
-        )
+        state.session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0, keepalive_timeout=60))
         yield
         for task in list(state.background):
             task.cancel()

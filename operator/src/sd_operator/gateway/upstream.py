@@ -20,6 +20,7 @@ import collections
 import ssl
 import time
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -211,11 +212,11 @@ class Upstream:
         # behind a server with a shorter limit, such as plain uvicorn's 5 s).
         self.idle_seconds = idle_seconds
         self._idle: dict[str, list[_Connection]] = {}
-        self._targets: dict[str, tuple[str, int, ssl.SSLContext | None, bytes]] = {}
+        self._targets: dict[str, tuple[str, int, ssl.SSLContext | None, str]] = {}
         # For https backends: one context for all (building one takes milliseconds); the system's CAs unless given.
         self._tls = tls
 
-    def _target(self, base_url: str) -> tuple[str, int, ssl.SSLContext | None, bytes]:
+    def _target(self, base_url: str) -> tuple[str, int, ssl.SSLContext | None, str]:
         target = self._targets.get(base_url)
         if target is None:
             parts = urlsplit(base_url)
@@ -225,7 +226,7 @@ class Upstream:
             if parts.scheme == "https":
                 tls = self._tls = self._tls or ssl.create_default_context()
             port = parts.port or (443 if tls else 80)
-            target = (parts.hostname, port, tls, parts.netloc.encode("idna"))
+            target = (parts.hostname, port, tls, parts.netloc.encode("idna").decode())  # the Host header
             self._targets[base_url] = target
         return target
 
@@ -276,7 +277,7 @@ class Upstream:
     ) -> tuple[_Connection, UpstreamResponse]:
         host = self._target(base_url)[3]
         head = (
-            f"{method} {path} HTTP/1.1\r\nHost: {host.decode()}\r\nContent-Type: {content_type}\r\n"
+            f"{method} {path} HTTP/1.1\r\nHost: {host}\r\nContent-Type: {content_type}\r\n"
             # identity: the bytes are relayed as they come; compressing inside the cluster only costs CPU
             f"Content-Length: {len(body)}\r\nAccept: */*\r\nAccept-Encoding: identity\r\n\r\n"
         ).encode("latin-1")
@@ -319,7 +320,7 @@ class Upstream:
         """`async with upstream.request(url, "POST", path, body, timeout=…) as response:` — the connection
         goes back to the pool when the body was read whole, and is closed otherwise. `timeout` (seconds)
         covers connecting, sending and the whole answer."""
-        return _Exchange(self, base_url, (method, path, body, content_type, timeout))
+        return _Exchange(self, base_url, method, path, body, content_type, timeout)
 
     def close(self) -> None:
         for conns in self._idle.values():
@@ -328,17 +329,26 @@ class Upstream:
         self._idle.clear()
 
 
+@dataclass
 class _Exchange:
-    def __init__(self, pool: Upstream, base_url: str, args: tuple[str, str, bytes, str, float | None]) -> None:
-        self._pool, self._base_url, self._args = pool, base_url, args
-        self._conn: _Connection | None = None
+    """One request's `async with`: sends on entry, gives the connection back (or closes it) on exit."""
+
+    pool: Upstream
+    base_url: str
+    method: str
+    path: str
+    body: bytes
+    content_type: str
+    timeout: float | None
+    conn: _Connection | None = None
 
     async def __aenter__(self) -> UpstreamResponse:
-        method, path, body, content_type, timeout = self._args
-        deadline = None if timeout is None else asyncio.get_running_loop().time() + timeout
-        self._conn, response = await self._pool._send(self._base_url, method, path, body, content_type, deadline)
+        deadline = None if self.timeout is None else asyncio.get_running_loop().time() + self.timeout
+        self.conn, response = await self.pool._send(
+            self.base_url, self.method, self.path, self.body, self.content_type, deadline
+        )
         return response
 
     async def __aexit__(self, *exc: Any) -> None:
-        if self._conn is not None:
-            self._pool._release(self._base_url, self._conn)
+        if self.conn is not None:
+            self.pool._release(self.base_url, self.conn)
