@@ -79,7 +79,8 @@ SDINSTANCE = Kind(
     description="An AUTOMATIC1111 WebUI deployment serving one fixed Stable Diffusion model on GPUs.",
     printer_columns=(
         _col("Model", ".spec.model.checkpoint.name", description="The checkpoint served."),
-        _col("Ready", ".status.ready", description="Ready replicas / replicas."),
+        _col("Ready", ".status.ready", description="Ready replicas / desired replicas."),
+        _col("Desired", ".status.desiredReplicas", "integer", description="Pods wanted (the autoscaler's choice)."),
         _col("Phase", ".status.phase"),
         _col("GPU", ".status.gpu", description="GPUs per pod."),
         AGE,

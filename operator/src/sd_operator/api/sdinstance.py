@@ -128,6 +128,44 @@ class EphemeralStorage(ApiModel):
 Storage.model_rebuild()
 
 
+class Autoscaling(ApiModel):
+    """Replicas that follow the demand the gateways hold for the model (queued plus running requests)."""
+
+    model_config = ConfigDict(
+        json_schema_extra=validations(
+            rule(
+                "self.maxReplicas >= (has(self.minReplicas) ? self.minReplicas : 1)",
+                "autoscaling.maxReplicas must be at least autoscaling.minReplicas",
+                ".maxReplicas",
+            ),
+        )
+    )
+
+    min_replicas: int = Field(
+        1,
+        description="Fewest pods. 0 lets the instance sleep at zero: the gateway holds the first request while a "
+        "pod starts (its --cold-start-timeout), so no request is lost.",
+        ge=0,
+        le=1000,
+    )
+    max_replicas: int = Field(description="Most pods (GPUs are the cost: this is the budget).", ge=1, le=1000)
+    target_per_replica: int = Field(
+        2,
+        description="Demand (queued plus running requests for the model) each pod should carry; the fleet aims "
+        "for ceil(demand / targetPerReplica) pods. 1 renders every request at once; higher trades waiting "
+        "for fewer GPUs.",
+        ge=1,
+        le=1000,
+    )
+    scale_down_delay_seconds: int = Field(
+        600,
+        description="Scale down only to the highest count the demand asked for within this window (the HPA's "
+        "stabilisation window); scaling up is immediate.",
+        ge=0,
+        le=86400,
+    )
+
+
 class SDInstanceSpec(ApiModel):
     """The desired state of an SDInstance."""
 
@@ -142,7 +180,13 @@ class SDInstanceSpec(ApiModel):
     )
 
     model: InstanceModel = Field(description="The one model this instance serves.")
-    replicas: int = Field(1, description="Number of WebUI pods (each with its own GPUs).", ge=0, le=1000)
+    replicas: int = Field(
+        1,
+        description="Number of WebUI pods (each with its own GPUs). Ignored while autoscaling is set: the "
+        "operator then owns the Deployment's replica count (status.desiredReplicas).",
+        ge=0,
+        le=1000,
+    )
     gpu: GPU = Field(
         default_factory=GPU, description="GPUs per pod and the GPU class.", json_schema_extra={"default": {}}
     )
@@ -152,6 +196,12 @@ class SDInstanceSpec(ApiModel):
         default_factory=WebUI, description="WebUI image, flags and API settings.", json_schema_extra={"default": {}}
     )
     storage: Storage | None = Field(None, description="Where downloaded models are cached.")
+    autoscaling: Autoscaling | None = Field(
+        None,
+        description="Scale with the demand the gateways report, down to minReplicas (0 allowed) and back. When set, "
+        "spec.replicas is ignored and nothing in the spec changes at runtime (safe with GitOps); leave it unset "
+        "to scale with kubectl scale, an HPA or KEDA on the scale subresource instead.",
+    )
 
 
 class SDInstanceStatus(ApiModel):
@@ -168,3 +218,10 @@ class SDInstanceStatus(ApiModel):
     endpoint: str | None = Field(None, description="In-cluster URL of the WebUI API.")
     model_sha256: str | None = Field(None, alias="modelSHA256", description="SHA-256 of the loaded checkpoint.")
     gpu: str | None = Field(None, description="GPU summary per pod, for kubectl get.")
+    desired_replicas: int | None = Field(
+        None, description="Pods the instance should have: spec.replicas, or the autoscaler's choice."
+    )
+    last_scale_time: str | None = Field(None, description="When the autoscaler last changed desiredReplicas.")
+    last_scale_reason: str | None = Field(
+        None, description="Why the autoscaler last scaled, with the demand that caused it."
+    )

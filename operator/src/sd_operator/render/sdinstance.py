@@ -306,7 +306,10 @@ READY_PATH = "/sd-operator/ready"
 LIVE_PATH = "/sd-operator/live"
 
 
-def render_deployment(owner: dict[str, Any], spec: SDInstanceSpec, settings: RenderSettings) -> dict[str, Any]:
+def render_deployment(
+    owner: dict[str, Any], spec: SDInstanceSpec, settings: RenderSettings, replicas: int | None = None
+) -> dict[str, Any]:
+    """`replicas`: the autoscaler's count when spec.autoscaling is set (spec.replicas is then ignored)."""
     meta = owner["metadata"]
     name = meta["name"]
     labels = common_labels(meta, spec)
@@ -405,7 +408,7 @@ def render_deployment(owner: dict[str, Any], spec: SDInstanceSpec, settings: Ren
             "ownerReferences": [owner_reference(owner)],
         },
         "spec": {
-            "replicas": spec.replicas,
+            "replicas": spec.replicas if replicas is None else replicas,
             "selector": {"matchLabels": selector_labels(name)},
             # A GPU is never spare: replace pods one at a time instead of surging.
             "strategy": {"type": "RollingUpdate", "rollingUpdate": {"maxSurge": 0, "maxUnavailable": 1}},
@@ -469,13 +472,15 @@ def render_network_policy(owner: dict[str, Any], spec: SDInstanceSpec) -> dict[s
     }
 
 
-def render_all(owner: dict[str, Any], spec: SDInstanceSpec, settings: RenderSettings) -> list[dict[str, Any]]:
+def render_all(
+    owner: dict[str, Any], spec: SDInstanceSpec, settings: RenderSettings, replicas: int | None = None
+) -> list[dict[str, Any]]:
     """Every child, in the order they are applied (the ConfigMap before the pods that mount it)."""
     return [
         render_configmap(owner, spec, settings),
         render_service(owner, spec),
         render_network_policy(owner, spec),
-        render_deployment(owner, spec, settings),
+        render_deployment(owner, spec, settings, replicas),
     ]
 
 
