@@ -84,7 +84,7 @@ def test_scale_subresource_and_categories() -> None:
         assert "status" in crd["spec"]["versions"][0]["subresources"]
     assert by_kind["LoRAJob"]["spec"]["names"]["shortNames"] == ["lj", "lora"]
     columns = [c["name"] for c in sdi["versions"][0]["additionalPrinterColumns"]]
-    assert columns[:5] == ["Model", "Ready", "Phase", "GPU", "Age"]
+    assert columns[:6] == ["Model", "Ready", "Desired", "Phase", "GPU", "Age"]
 
 
 def test_int_or_string_quantities() -> None:

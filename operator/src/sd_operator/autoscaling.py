@@ -61,7 +61,9 @@ class Demand:
         return f"demand {self.total} ({self.queued} queued, {self.running} running)"
 
 
-def sum_reports(reports: list[dict[str, Any]], model: str, now: float, stale_after: float = DEMAND_STALE_SECONDS) -> Demand:
+def sum_reports(
+    reports: list[dict[str, Any]], model: str, now: float, stale_after: float = DEMAND_STALE_SECONDS
+) -> Demand:
     """The demand for `model` from the gateways' reports (see gateway/demand.py for their shape): fresh ones
     only, so a gateway that vanished without a word stops counting once its report ages out."""
     total = Demand()
@@ -135,11 +137,9 @@ def decide(state: ScaleState, demand: Demand, policy: Policy, now: float) -> Dec
     # Keep the newest entry that began before the window: it still stood when the window opened.
     while len(state.history) > 1 and state.history[1][0] <= horizon:
         state.history.popleft()
-    if rec.replicas >= state.desired:
-        target = rec.replicas  # up at once
-    else:
-        # Down only as far as the highest recommendation that stood within the window.
-        target = min(max(n for _, n in state.history), state.desired)
+    # Up at once; down only as far as the highest recommendation that stood within the window.
+    stood = max(n for _, n in state.history)
+    target = rec.replicas if rec.replicas >= state.desired else min(stood, state.desired)
     target = min(max(target, policy.min_replicas), policy.max_replicas)
     if target == state.desired:
         return Decision(target, rec, False, "Steady")

@@ -68,6 +68,25 @@ def apply(obj: dict[str, Any], *, field_manager: str = FIELD_MANAGER, api: clien
     )
 
 
+def merge_patch(obj: dict[str, Any], patch: dict[str, Any], *, api: client.ApiClient | None = None) -> Any:
+    """A merge patch of an object (apiVersion, kind, metadata name and namespace); None when it is gone."""
+    api = api or api_client()
+    try:
+        return api.call_api(
+            _path(obj),
+            "PATCH",
+            header_params={"Content-Type": "application/merge-patch+json", "Accept": "application/json"},
+            body=patch,
+            response_types_map={200: "object"},
+            auth_settings=["BearerToken"],
+            _return_http_data_only=True,
+        )
+    except ApiException as e:
+        if e.status == 404:
+            return None
+        raise
+
+
 def patch_status(
     api_version: str,
     kind: str,

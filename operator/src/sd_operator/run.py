@@ -13,6 +13,7 @@ from kubernetes.client.rest import ApiException
 from prometheus_client import start_http_server
 
 from sd_operator import API_GROUP, kube, logs
+from sd_operator.gateway.demand import DEMAND_LABEL
 
 log = logging.getLogger("sd_operator")
 DEFAULT_PEERING = "sd-operator"
@@ -31,6 +32,9 @@ def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
     settings.watching.server_timeout = 300
     settings.watching.client_timeout = 330
     settings.networking.request_timeout = 60
+    # The only ConfigMaps the operator reads are the gateways' demand reports: a server-side selector keeps
+    # every other ConfigMap of the cluster out of its watch (kopf's labels= filters only on arrival).
+    settings.watching.label_selectors["configmaps"] = f"{DEMAND_LABEL}=true"
 
 
 def ensure_peering(name: str, namespaces: list[str], clusterwide: bool) -> None:
@@ -51,9 +55,9 @@ def ensure_peering(name: str, namespaces: list[str], clusterwide: bool) -> None:
 
 def command(args: argparse.Namespace) -> int:
     # Importing the controllers registers their handlers with kopf.
-    from sd_operator.controllers import generationbatch, lorajob, sdinstance
+    from sd_operator.controllers import autoscaler, generationbatch, lorajob, sdinstance
 
-    log.debug("controllers: %s", [c.__name__ for c in (sdinstance, generationbatch, lorajob)])
+    log.debug("controllers: %s", [c.__name__ for c in (sdinstance, autoscaler, generationbatch, lorajob)])
 
     log_format = kopf.LogFormat.JSON if logs.format_of(args) == "json" else kopf.LogFormat.PLAIN
     kopf.configure(verbose=args.verbose, log_format=log_format, log_prefix=True)

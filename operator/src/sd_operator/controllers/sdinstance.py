@@ -8,6 +8,7 @@ instance's status and patches it only when it differs from what was last written
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -16,6 +17,7 @@ from pydantic import ValidationError
 
 from sd_operator import API_GROUP, API_VERSION, kube
 from sd_operator.api.sdinstance import Phase, SDInstanceSpec
+from sd_operator.controllers.scalestore import ScaleStore
 from sd_operator.controllers.sdinstance_status import derive_status, pod_view
 from sd_operator.controllers.statusmemo import StatusMemo
 from sd_operator.metrics import instrumented
@@ -29,6 +31,7 @@ CONTROLLER = f"{PLURAL}.{API_GROUP}"
 WARNING_PHASES = {Phase.FAILED.value, Phase.DEGRADED.value}
 
 _memo = StatusMemo()
+scaling = ScaleStore()  # autoscaled instances (controllers/autoscaler.py changes their counts)
 
 
 def parse_spec(spec: Any) -> SDInstanceSpec:
@@ -90,8 +93,14 @@ def reconcile(
     **_: Any,
 ) -> None:
     parsed = parse_spec(spec)
-    for child in render_all(_owner(body), parsed, render_settings()):
-        kube.apply(child)
+    key = (namespace, name)
+    # Under the instance's lock: the autoscaler changes the Deployment's count under it too, so this
+    # apply never puts back a count it just replaced.
+    with _memo.lock(key):
+        item = scaling.get(key, parsed, dict(body.status), time.monotonic())
+        replicas = item.state.desired if item else None
+        for child in render_all(_owner(body), parsed, render_settings(), replicas):
+            kube.apply(child)
     logger.info("applied %s children for model %s", KIND, parsed.model.checkpoint.name)
     # Written now, under the instance's lock, not through kopf's `patch`: kopf sends that after the
     # handler returns, and a newer status written meanwhile by a pod event would be overwritten by
@@ -145,7 +154,8 @@ def refresh_status(
     # by one of them at a time, from the index as it is then, so an older view never overwrites a newer.
     with _memo.lock(key):
         last = _memo.last(key) or previous
-        status = derive_status(name, namespace, spec, pods(), last, generation)
+        item = scaling.get(key, spec, last, time.monotonic())
+        status = derive_status(name, namespace, spec, pods(), last, generation, item.status() if item else None)
         if _same(status, last):
             return
         kube.patch_status(f"{API_GROUP}/{API_VERSION}", KIND, namespace, name, status)
@@ -175,3 +185,4 @@ def _same(a: dict[str, Any], b: dict[str, Any]) -> bool:
 def forget(namespace: str, name: str, **_: Any) -> None:
     """Children go with the owner (garbage collector); only the local cache needs cleaning."""
     _memo.forget((namespace, name))
+    scaling.forget((namespace, name))

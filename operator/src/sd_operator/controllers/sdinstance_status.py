@@ -105,16 +105,21 @@ def derive_status(
     pods: list[dict[str, Any]],
     previous: dict[str, Any] | None,
     observed_generation: int | None,
+    scaling: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """The full status from the pod summaries; conditions keep their transition times."""
+    """The full status from the pod summaries; conditions keep their transition times. `scaling`: the
+    autoscaler's view (controllers/scalestore.py) when spec.autoscaling is set."""
     previous = previous or {}
     live = [p for p in pods if p["state"] != TERMINATING]
-    desired = spec.replicas
+    desired = spec.replicas if scaling is None else scaling["desiredReplicas"]
     ready = sum(1 for p in live if p["state"] == READY)
     failed = [p for p in live if p["state"] == FAILED]
     waiting = [p for p in live if p["state"] in PROGRESS_ORDER]
 
-    if desired == 0:
+    if desired == 0 and scaling is not None:
+        phase, reason = Phase.READY, "ScaledToZero"
+        message = "scaled to zero for lack of demand; the gateway holds the next request while a pod starts"
+    elif desired == 0:
         phase, reason, message = Phase.READY, "ScaledToZero", "scaled to 0 replicas"
     elif ready >= desired:
         phase, reason, message = Phase.READY, "Ready", f"{ready}/{desired} replicas ready"
@@ -161,6 +166,7 @@ def derive_status(
         fetch_failed[0]["message"] if fetch_failed else ("model files verified" if fetched else "not fetched yet"),
         gen,
     )
+    conditions = _scaling_conditions(conditions, scaling, desired, gen)
     status: dict[str, Any] = {
         "phase": phase.value,
         "message": message,
@@ -171,11 +177,44 @@ def derive_status(
         "selector": ",".join(f"{k}={v}" for k, v in selector_labels(name).items()),
         "endpoint": endpoint(name, namespace, spec),
         "gpu": gpu_summary(spec),
+        "desiredReplicas": desired,
+        # None removes them (merge patch) once autoscaling is taken off.
+        "lastScaleTime": scaling["lastScaleTime"] if scaling else None,
+        "lastScaleReason": scaling["lastScaleReason"] if scaling else None,
     }
     if gen is not None:
         status["observedGeneration"] = gen
     status["modelSHA256"] = model_sha256(spec, live)  # None removes a stale one (merge patch)
     return status
+
+
+SCALING_CONDITIONS = ("ScaledToZero", "ScalingLimited")
+
+
+def _scaling_conditions(
+    conditions: list[dict[str, Any]], scaling: dict[str, Any] | None, desired: int, gen: int | None
+) -> list[dict[str, Any]]:
+    """ScaledToZero and ScalingLimited while autoscaling is set; neither once it is not."""
+    if scaling is None:
+        return [c for c in conditions if c.get("type") not in SCALING_CONDITIONS]
+    zero = desired == 0
+    conditions = set_condition(
+        conditions,
+        "ScaledToZero",
+        zero,
+        "NoDemand" if zero else "Demand",
+        (scaling.get("lastScaleReason") or "no demand") if zero else f"{desired} replica(s) wanted",
+        gen,
+    )
+    limited = scaling.get("limited")
+    return set_condition(
+        conditions,
+        "ScalingLimited",
+        bool(limited),
+        "TooManyReplicas" if limited else "DesiredWithinRange",
+        limited or "the demand fits within minReplicas and maxReplicas",
+        gen,
+    )
 
 
 def model_sha256(spec: SDInstanceSpec, pods: list[dict[str, Any]]) -> str | None:

@@ -1,4 +1,4 @@
-"""The aiohttp application: A1111's /sdapi/v1 routes, ControlNet's, the operator's probes and stats."""
+"""The aiohttp application: A1111's /sdapi/v1 routes, ControlNet's, the operator's probes, drain and stats."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import base64
 import binascii
 import contextlib
 import logging
+import math
 import secrets
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -25,6 +26,11 @@ log = logging.getLogger("sd_operator.emulator")
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 PROBE_PREFIX = "/sd-operator/"  # the operator's pod probes: never behind --api-auth
 VECTOR_SIZE = {Family.SD15: 768, Family.SD2: 1024, Family.SDXL: 2048}
+# GET /sd-operator/drain, the webui container's preStop hook: as the WebUI image's extension
+# (images/webui/extension/sd-operator/scripts/sd_operator_probes.py).
+DRAIN_TIMEOUT = 110.0  # seconds: under the pod's terminationGracePeriodSeconds (120), leaving time for SIGTERM
+DRAIN_POLL = 0.25
+DRAIN_IDLE_CHECKS = 2  # idle on this many looks in a row counts as drained, as the extension
 
 
 def _authorized(emu: Emulator, request: web.Request) -> ApiError | None:
@@ -96,6 +102,39 @@ async def ready(request: web.Request) -> web.Response:
     if not emu.loaded.is_set():
         return web.json_response({"status": "loading", "model": title}, status=503)
     return _json({"status": "ready", "model": title})
+
+
+def drain_timeout(value: str | None) -> float:
+    """`?timeout=` in seconds; the default when absent or not a number >= 0 (the hook never fails)."""
+    try:
+        seconds = float(value) if value else DRAIN_TIMEOUT
+    except ValueError:
+        return DRAIN_TIMEOUT
+    return seconds if math.isfinite(seconds) and seconds >= 0 else DRAIN_TIMEOUT
+
+
+async def drain(request: web.Request) -> web.Response:
+    """200 {"status": "drained", "waitedSeconds"} once no generation runs or is queued (seen idle twice in
+    a row, DRAIN_POLL apart), or 200 {"status": "timeout", ..., "busy"} after `?timeout=` seconds. The
+    kubelet runs it before SIGTERM; new work stops coming meanwhile (the endpoint is no longer ready)."""
+    emu = _emu(request)
+    limit = drain_timeout(request.query.get("timeout"))
+    started = time.monotonic()
+    idle_checks = 0
+    while True:
+        what = emu.busy()
+        elapsed = time.monotonic() - started
+        if what is None:
+            idle_checks += 1
+            if idle_checks >= DRAIN_IDLE_CHECKS or elapsed >= limit:
+                log.info("drained after %.2fs", elapsed)
+                return _json({"status": "drained", "waitedSeconds": round(elapsed, 3)})
+        else:
+            idle_checks = 0
+            if elapsed >= limit:
+                log.warning("drain gave up after %.2fs: %s", elapsed, what)
+                return _json({"status": "timeout", "waitedSeconds": round(elapsed, 3), "busy": what})
+        await asyncio.sleep(min(DRAIN_POLL, max(0.0, limit - elapsed)))
 
 
 async def get_options(request: web.Request) -> web.Response:
@@ -198,6 +237,7 @@ def create_app(config: EmulatorConfig) -> web.Application:
     r = app.router
     r.add_get("/sd-operator/live", live)
     r.add_get("/sd-operator/ready", ready)
+    r.add_get("/sd-operator/drain", drain)
     r.add_post("/sdapi/v1/txt2img", generation.txt2img)
     r.add_post("/sdapi/v1/img2img", generation.img2img)
     r.add_get("/sdapi/v1/options", get_options)

@@ -240,6 +240,14 @@ class Emulator:
                 return iteration + 1  # the current latents are still decoded, as in A1111
         return plan.n_iter
 
+    def busy(self) -> dict[str, Any] | None:
+        """What keeps the emulator busy, or None when no generation runs or waits for the queue lock (the
+        WebUI's drain reads the same from its queue lock and shared.state)."""
+        held = self.queue_lock.locked()
+        if held or self.active or self.waiting:
+            return {"job": self.progress.job, "lockHeld": held, "active": self.active, "queued": self.waiting}
+        return None
+
     def memory(self) -> dict[str, Any]:
         cfg = self.config
         total = int(cfg.profile.vram_gib * GIB)

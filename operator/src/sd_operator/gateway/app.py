@@ -22,7 +22,7 @@ from sd_operator.gateway import metrics as m
 from sd_operator.gateway.auth import ANONYMOUS, KeyStore, Tenant, presented_key
 from sd_operator.gateway.cache import CachedResponse, ResultCache, cache_key, make_cache
 from sd_operator.gateway.config import GatewayConfig
-from sd_operator.gateway.dispatch import Backend, Dispatcher, NoBackend, QueueFull, work_units
+from sd_operator.gateway.dispatch import Backend, ColdStartTimeout, Dispatcher, NoBackend, QueueFull, work_units
 from sd_operator.gateway.payload import (
     RECOMMENDED,
     GenerateRequest,
@@ -59,6 +59,7 @@ def error(status: int, message: str, kind: str, **extra: Any) -> web.Response:
 
 
 NOT_READY_RETRY_SECONDS = 15.0
+COLD_START_RETRY_SECONDS = 10.0
 
 
 def unresolved(e: UnknownModel | ModelNotReady) -> web.Response:
@@ -236,14 +237,30 @@ async def generate(request: web.Request, path: str, payload: dict[str, Any], raw
     tried: list[Backend] = []
     for attempt in range(state.cfg.retries + 1):
         waited = time.perf_counter()
+        # A model at zero that scales on demand: the request waits (and counts as demand) for a first pod.
+        cold = state.cfg.cold_start_timeout if state.registry.cold_start(model) else None
         try:
             backend = await state.dispatcher.acquire(
-                model, tenant=tenant.name, priority=_priority(state, request), units=units, exclude=tried
+                model,
+                tenant=tenant.name,
+                priority=_priority(state, request),
+                units=units,
+                exclude=tried,
+                cold_start=cold,
             )
         except QueueFull as e:
             return error(429, str(e), "QueueFull", retry_after=e.retry_after)
         except NoBackend as e:
             return error(503, str(e), "NoBackend")
+        except ColdStartTimeout as e:
+            states = ", ".join(d.describe() for d in state.registry.instances_of(model))
+            return error(
+                503,
+                f"{e}: {states or 'no instance'}; the model is starting, retry later",
+                "ColdStartTimeout",
+                retry_after=COLD_START_RETRY_SECONDS,
+                instances=[{"instance": d.instance, "phase": d.phase} for d in state.registry.instances_of(model)],
+            )
         m.child(m.wait_seconds, model).observe(time.perf_counter() - waited)
         outcome = await _forward(request, state, backend, path, body, units, key, attempt, tenant.name)
         if isinstance(outcome, web.StreamResponse):
@@ -501,19 +518,29 @@ async def interrupt(request: web.Request) -> web.Response:
 
 
 async def v1_models(request: web.Request) -> web.Response:
+    """The fleet's models, also those with no ready pod: `state` is Ready, or why not (ScaledToZero,
+    Downloading, Loading, Pending, Failed)."""
     state = _state(request)
     out = []
     for info in state.registry.sd_models():
         group = state.dispatcher.backends.get(info["filename"], [])
+        declared = state.registry.instances_of(info["filename"])
         out.append(
             {
                 **info,
+                "state": "Ready" if group else (declared[0].state if declared else "Pending"),
                 "instances": len(group),
                 "idle": sum(1 for b in group if b.state == "idle"),
                 "queue": state.dispatcher.queue_depth(info["filename"]),
+                "scalesFromZero": any(d.scalable for d in declared),
             }
         )
     return web.json_response(out)
+
+
+async def v1_demand(request: web.Request) -> web.Response:
+    """This gateway's demand per model (what it publishes for the operator's autoscaler)."""
+    return web.json_response({"models": _state(request).dispatcher.demand()})
 
 
 async def v1_presets(request: web.Request) -> web.Response:
@@ -598,6 +625,7 @@ def create_app(cfg: GatewayConfig, dispatcher: Dispatcher | None = None) -> web.
     r.add_get("/v1/loras", proxy_get)
     r.add_get("/v1/presets", v1_presets)
     r.add_get("/v1/instances", v1_instances)
+    r.add_get("/v1/demand", v1_demand)
     r.add_get("/healthz", healthz)
     r.add_get("/readyz", readyz)
     r.add_get("/metrics", metrics_handler)

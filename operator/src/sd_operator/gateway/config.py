@@ -27,3 +27,7 @@ class GatewayConfig:
     namespaces: tuple[str, ...] = ()
     access_log: bool = False  # a log line per request (never the key)
     priority_header: bool = True  # honour X-Priority from callers (capped by their key's priority)
+    cold_start_timeout: float = 600.0  # how long a request for a model at zero waits for its first pod
+    report_demand: bool = False  # publish per-model demand for the operator's autoscaler (gateway/demand.py)
+    gateway_id: str = ""  # names this replica's demand report
+    demand_namespace: str = "default"  # where the demand report lives

@@ -22,6 +22,10 @@ from sd_operator.gateway.dispatch import Backend
 from sd_operator.gateway.registry import DeclaredModel, family_of, pixel_budget
 from sd_operator.render.common import INSTANCE_LABEL
 
+# Set on SDInstances that an external autoscaler (KEDA, an HPA) brings back from zero: the gateway then
+# holds their requests through the cold start as it does for spec.autoscaling.
+SCALE_FROM_ZERO_ANNOTATION = f"{API_GROUP}/scale-from-zero"
+
 log = logging.getLogger("sd_operator.gateway.discovery")
 
 
@@ -66,6 +70,8 @@ def declared_model(instance: dict[str, Any]) -> DeclaredModel | None:
     status = instance.get("status") or {}
     ready: dict[str, Any] = next((c for c in status.get("conditions") or [] if c.get("type") == "Ready"), {})
     meta = instance["metadata"]
+    autoscaling = (instance.get("spec") or {}).get("autoscaling") or {}
+    external = (meta.get("annotations") or {}).get(SCALE_FROM_ZERO_ANNOTATION) == "true"
     return DeclaredModel(
         model=checkpoint["name"],
         instance=f"{meta['namespace']}/{meta['name']}",
@@ -73,6 +79,8 @@ def declared_model(instance: dict[str, Any]) -> DeclaredModel | None:
         sha256=(checkpoint.get("sha256") or status.get("modelSHA256") or "").lower() or None,
         phase=status.get("phase"),
         message=ready.get("message") if ready.get("status") != "True" else None,
+        reason=ready.get("reason"),
+        scalable=external or int(autoscaling.get("maxReplicas") or 0) > 0,
     )
 
 

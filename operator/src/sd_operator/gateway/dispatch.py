@@ -49,6 +49,17 @@ class NoBackend(Exception):
         self.model = model
 
 
+class ColdStartTimeout(Exception):
+    """A request for a model at zero waited `seconds` and still no instance of it is ready."""
+
+    def __init__(self, model: str, seconds: float):
+        super().__init__(f"no instance of {model} became ready within {seconds:g}s")
+        self.model, self.seconds = model, seconds
+
+
+COLD_START_POLL = 0.25  # seconds between checks whether a model at zero got a backend
+
+
 @dataclass(eq=False)
 class Backend:
     """One WebUI instance (a pod, or an emulator) with the one model it serves."""
@@ -202,6 +213,20 @@ class Dispatcher:
         q = self.queues.get(model)
         return q.size if q else 0
 
+    def demand(self, now: float | None = None) -> dict[str, dict[str, Any]]:
+        """Per model with any: requests waiting, requests rendering and the oldest wait (what autoscaling
+        follows; a model at zero has waiting requests and no backends)."""
+        now = time.monotonic() if now is None else now
+        out: dict[str, dict[str, Any]] = {}
+        for model in set(self.backends) | set(self.queues):
+            queued = self.queue_depth(model)
+            running = sum(b.inflight for b in self.backends.get(model, ()))
+            if not queued and not running:
+                continue
+            oldest = min((w.enqueued for w in self.queues[model].candidates()), default=now) if queued else now
+            out[model] = {"queued": queued, "running": running, "oldestWaitSeconds": round(now - oldest, 3)}
+        return out
+
     def _speed(self, model: str) -> float:
         known = [b.seconds_per_unit for b in self.backends.get(model, []) if b.seconds_per_unit]
         return sum(known) / len(known) if known else self.default_seconds_per_unit
@@ -214,10 +239,22 @@ class Dispatcher:
         return max(1.0, (depth + 1) * self._speed(model) / slots)
 
     async def acquire(
-        self, model: str, *, tenant: str = "", priority: int = 0, units: float = 1.0, exclude: Iterable[Backend] = ()
+        self,
+        model: str,
+        *,
+        tenant: str = "",
+        priority: int = 0,
+        units: float = 1.0,
+        exclude: Iterable[Backend] = (),
+        cold_start: float | None = None,
     ) -> Backend:
-        """Waits until a backend of `model` has a free slot, and takes it. Cancelling the wait leaves the queue."""
-        if not self.backends.get(model):
+        """Waits until a backend of `model` has a free slot, and takes it. Cancelling the wait leaves the queue.
+
+        A model without backends is refused (NoBackend), unless `cold_start` seconds are given: then the
+        request waits in the queue (where it counts as demand, which scales the model up) for that long for
+        a first backend, and from then on like any other (ColdStartTimeout when none came)."""
+        cold = not self.backends.get(model)
+        if cold and cold_start is None:
             raise NoBackend(model)
         queue = self.queues.setdefault(model, ModelQueue())
         excluded = frozenset(id(b) for b in exclude)
@@ -237,13 +274,24 @@ class Dispatcher:
         queue.push(waiter)
         self._dispatch(model)
         try:
+            if cold and cold_start is not None:
+                await self._first_backend(model, waiter, cold_start)
             return await waiter.future
-        except asyncio.CancelledError:
+        except (asyncio.CancelledError, ColdStartTimeout):
             queue.remove(waiter)
             if waiter.future.done() and not waiter.future.cancelled():
                 # Bound just as the caller went away: give the slot back.
                 self.release(waiter.future.result(), ok=True)
             raise
+
+    async def _first_backend(self, model: str, waiter: Waiter, seconds: float) -> None:
+        """Returns once the waiter is bound or the model has a backend; ColdStartTimeout after `seconds`."""
+        deadline = time.monotonic() + seconds
+        while not waiter.future.done() and not self.backends.get(model):
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise ColdStartTimeout(model, seconds)
+            await asyncio.wait([waiter.future], timeout=min(left, COLD_START_POLL))
 
     def release(self, backend: Backend, *, ok: bool, seconds: float | None = None, units: float | None = None) -> None:
         backend.inflight = max(0, backend.inflight - 1)

@@ -34,6 +34,16 @@ service_seconds = Histogram(
 )
 queue_depth = Gauge("sd_gateway_queue_depth", "Generations waiting for an idle instance", ["model"], registry=REGISTRY)
 backends = Gauge("sd_gateway_backends", "Instances by state", ["model", "state"], registry=REGISTRY)
+demand = Gauge(
+    "sd_gateway_demand",
+    "Generations waiting or rendering: what autoscaling follows (sum over gateway replicas)",
+    ["model"],
+    registry=REGISTRY,
+)
+running = Gauge("sd_gateway_running", "Generations rendering on an instance", ["model"], registry=REGISTRY)
+oldest_wait = Gauge(
+    "sd_gateway_oldest_wait_seconds", "Age of the longest-waiting generation", ["model"], registry=REGISTRY
+)
 cache = Counter("sd_gateway_cache_total", "Result cache lookups", ["result"], registry=REGISTRY)
 errors = Counter("sd_gateway_errors_total", "Errors by kind", ["kind"], registry=REGISTRY)
 ejections = Counter(
@@ -51,10 +61,16 @@ def child(metric: Any, *labels: str) -> Any:
 
 def refresh_gauges(dispatcher: Dispatcher, result_cache: ResultCache) -> None:
     """Gauges are read at scrape time from the dispatcher's own state (no bookkeeping on the hot path)."""
-    queue_depth.clear()
-    backends.clear()
-    for model in dispatcher.models():
+    for gauge in (queue_depth, backends, demand, running, oldest_wait):
+        gauge.clear()
+    held = dispatcher.demand()
+    # Every model with backends or demand: a model at zero has waiting requests and no backends.
+    for model in sorted(set(dispatcher.models()) | set(held)):
         queue_depth.labels(model).set(dispatcher.queue_depth(model))
+        now = held.get(model) or {}
+        demand.labels(model).set(now.get("queued", 0) + now.get("running", 0))
+        running.labels(model).set(now.get("running", 0))
+        oldest_wait.labels(model).set(now.get("oldestWaitSeconds", 0.0))
         counts = {"idle": 0, "busy": 0, "ejected": 0}
         for b in dispatcher.backends.get(model, []):
             counts[b.state] += 1

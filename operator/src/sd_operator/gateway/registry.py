@@ -35,9 +35,7 @@ class ModelNotReady(LookupError):
     """The model is declared by SDInstances, none of whose pods is ready yet (answered 503, not 404)."""
 
     def __init__(self, name: str, model: str, instances: list[DeclaredModel]):
-        states = ", ".join(
-            f"{d.instance} {d.phase or 'Pending'}" + (f" ({d.message})" if d.message else "") for d in instances
-        )
+        states = ", ".join(d.describe() for d in instances)
         super().__init__(f"model {model!r} has no ready instance yet: {states}; retry later")
         self.name, self.model, self.instances = name, model, instances
 
@@ -51,9 +49,21 @@ class DeclaredModel:
     sha256: str | None = None
     phase: str | None = None
     message: str | None = None
+    reason: str | None = None  # of the Ready condition, e.g. ScaledToZero
+    # At zero (or on the way) and a replica will come when there is demand (spec.autoscaling, or an external
+    # autoscaler the instance names with the scale-from-zero annotation): requests wait instead of a 503.
+    scalable: bool = False
 
     def names(self) -> set[str]:
         return model_names(self.model, self.sha256)
+
+    @property
+    def state(self) -> str:
+        """What /v1/models shows for an instance without a ready pod."""
+        return self.reason if self.reason == "ScaledToZero" else (self.phase or "Pending")
+
+    def describe(self) -> str:
+        return f"{self.instance} {self.phase or 'Pending'}" + (f" ({self.message})" if self.message else "")
 
 
 def family_of(model: str, hint: str | None = None) -> Family:
@@ -103,9 +113,20 @@ class Registry:
             if candidate in self._index:
                 return self._index[candidate]
         waiting = [d for d in self.declared.values() if candidates & d.names()]
+        if any(d.scalable and d.phase != "Failed" for d in waiting):
+            return waiting[0].model  # held in the queue while a replica starts (see cold_start)
         if waiting:
             raise ModelNotReady(name, waiting[0].model, sorted(waiting, key=lambda d: d.instance))
         raise UnknownModel(name, self.dispatcher.models())
+
+    def instances_of(self, model: str) -> list[DeclaredModel]:
+        return sorted((d for d in self.declared.values() if d.model == model), key=lambda d: d.instance)
+
+    def cold_start(self, model: str) -> bool:
+        """The model has no backend now but an instance that scales up on demand: requests may wait."""
+        return not self.dispatcher.backends.get(model) and any(
+            d.scalable and d.phase != "Failed" for d in self.instances_of(model)
+        )
 
     def sd_models(self) -> list[dict[str, Any]]:
         """The union of models, shaped like the WebUI's /sdapi/v1/sd-models."""
@@ -120,6 +141,19 @@ class Registry:
                 "hash": short,
                 "sha256": b.sha256,
                 "filename": b.model,
+                "config": None,
+            }
+        # Models whose instances have no ready pod (scaled to zero, starting) are still the fleet's.
+        for d in sorted(self.declared.values(), key=lambda d: d.instance):
+            if d.model in seen:
+                continue
+            short = d.sha256[:10] if d.sha256 else None
+            seen[d.model] = {
+                "title": f"{d.model} [{short}]" if short else d.model,
+                "model_name": _stem(d.model),
+                "hash": short,
+                "sha256": d.sha256,
+                "filename": d.model,
                 "config": None,
             }
         return list(seen.values())

@@ -304,6 +304,12 @@ def _probe(path: str, *, period: int, failures: int, timeout: int = 5) -> dict[s
 # from the event loop, so a long generation holding the WebUI's queue lock never fails it.
 READY_PATH = "/sd-operator/ready"
 LIVE_PATH = "/sd-operator/live"
+# The webui container's preStop hook (same extension, same emulator). On scale-down or deletion the kubelet
+# runs preStop before it sends SIGTERM and waits for it within terminationGracePeriodSeconds; the route
+# answers once the WebUI has no generation running or queued (or gives up just before the grace period
+# ends), so the generation it is rendering finishes instead of failing. The gateway sends no new work
+# meanwhile: the pod's endpoint is no longer ready once the pod is terminating.
+DRAIN_PATH = "/sd-operator/drain"
 
 
 def render_deployment(
@@ -373,6 +379,7 @@ def render_deployment(
         "startupProbe": _probe(READY_PATH, period=10, failures=180),
         "readinessProbe": _probe(READY_PATH, period=10, failures=3),
         "livenessProbe": _probe(LIVE_PATH, period=30, failures=5, timeout=10),
+        "lifecycle": {"preStop": {"httpGet": {"path": DRAIN_PATH, "port": "http"}}},
         "securityContext": restricted_security_context(),
         "terminationMessagePolicy": "FallbackToLogsOnError",
     }
