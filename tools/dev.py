@@ -93,7 +93,17 @@ class Session:
         # As the chart runs them: the gateway discovers instances, the operator renders for this gateway.
         self.spawn(
             "gateway",
-            [str(BIN / "sd-operator"), "gateway", "--host=127.0.0.1", f"--port={GATEWAY_PORT}", "--kubernetes"],
+            [
+                str(BIN / "sd-operator"),
+                "gateway",
+                "--host=127.0.0.1",
+                f"--port={GATEWAY_PORT}",
+                "--kubernetes",
+                # Demand for the autoscaler (instances that sleep at zero), as the chart's default.
+                "--report-demand",
+                "--gateway-id=dev",
+                "--demand-namespace=default",
+            ],
             self.env,
         )
         self.spawn(

@@ -20,12 +20,11 @@ import os
 from collections.abc import Iterator
 
 import pytest
-from e2e_support import Chain
+from e2e_support import Chain, start_gateway
 from kubernetes import config
 
 import localcluster
 from cluster_support import ROOT, Cluster, cluster_from_kubeconfig, start_operator, stop_operator
-from processes import BIN, _start
 
 LOCAL_FLEET = ROOT / "tools/cluster/fleet-local.yaml"
 
@@ -55,12 +54,7 @@ def chain(cluster: Cluster, crds: None, tmp_path_factory: pytest.TempPathFactory
     local: localcluster.LocalCluster = cluster.local  # type: ignore[assignment]
     logs = tmp_path_factory.mktemp("chain")
     # As the chart runs it: discovery of SDInstances and their EndpointSlices, in-cluster.
-    gw = _start(
-        [str(BIN / "sd-operator"), "gateway", "--host=127.0.0.1", "--port=0", "--kubernetes"],
-        logs / "gateway.log",
-        "GATEWAY_PORT",
-        env={"KUBECONFIG": str(cluster.kubeconfig)},
-    )
+    gw = start_gateway(cluster, logs / "gateway.log", "--gateway-id=e2e-main")
     env = {
         "SD_HF_ENDPOINT": local.cfg.model_url,
         "SD_GATEWAY_URL": gw.url,

@@ -12,6 +12,7 @@ from kubernetes import client
 
 from cluster_support import Cluster, Operator
 from helpers import wait_for
+from processes import BIN, Proc, _start
 
 GROUP, VERSION = "sd-operator.dev", "v1alpha1"
 
@@ -111,3 +112,14 @@ def claims(chain: Chain, namespace: str, names: list[str]) -> None:
         return all(core.read_namespaced_persistent_volume_claim(n, namespace).status.phase == "Bound" for n in names)
 
     wait_for(bound, timeout=60, what=f"claims {names} to be provisioned and bound")
+
+
+def start_gateway(cluster: Cluster, log: Path, *flags: str) -> Proc:
+    """A gateway as the chart runs it: discovery in-cluster, demand published for the autoscaler."""
+    return _start(
+        [str(BIN / "sd-operator"), "gateway", "--host=127.0.0.1", "--port=0", "--kubernetes", "--report-demand",
+         "--demand-namespace=default", *flags],
+        log,
+        "GATEWAY_PORT",
+        env={"KUBECONFIG": str(cluster.kubeconfig)},
+    )  # fmt: skip
