@@ -15,6 +15,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -331,6 +332,48 @@ def test_a_client_that_disconnects_does_not_keep_the_lock(models: Models) -> Non
         assert info["interrupted"] is False
         stats = s.get("/emulator/stats").json()
         assert stats["generations"] == 2 and stats["max_concurrency"] == 1 and stats["active"] == 0
+
+
+def test_drain_answers_once_the_running_and_the_queued_generation_finished(models: Models) -> None:
+    # The webui container's preStop hook: the kubelet calls it before SIGTERM when the pod goes.
+    with Server(models.argv("--speed", "0.01")) as s, ThreadPoolExecutor(2) as pool:
+
+        def generate(seed: int) -> tuple[int, float]:  # ~0.65 s of sampling each
+            r = s.post("/sdapi/v1/txt2img", {"steps": 500, "width": 1024, "seed": seed, "send_images": False})
+            return r.status_code, time.monotonic()
+
+        def stat(key: str) -> Any:
+            return s.get("/emulator/stats").json()[key]
+
+        assert s.get("/sd-operator/drain").json()["status"] == "drained"  # idle: at once
+        running = pool.submit(generate, 1)
+        wait_for(lambda: stat("active") == 1, timeout=10, interval=0.01, what="a generation")
+        queued = pool.submit(generate, 2)
+        wait_for(lambda: stat("waiting") == 1, timeout=10, interval=0.01, what="one queued behind it")
+        r = s.get("/sd-operator/drain")
+        answered = time.monotonic()
+        body = r.json()
+        assert r.status_code == 200 and body["status"] == "drained", body
+        assert body["waitedSeconds"] > 0.5
+        for future in (running, queued):
+            code, finished = future.result(timeout=10)
+            assert code == 200 and finished <= answered, "the drain answered before the generation did"
+        stats = s.get("/emulator/stats").json()
+        assert stats["generations"] == 2 and stats["requests"]["GET /sd-operator/drain"] == 2
+
+
+def test_drain_gives_up_after_its_timeout_without_failing_the_generation(models: Models) -> None:
+    with Server(models.argv("--speed", "0.01", "--api-auth", "u:p")) as s, ThreadPoolExecutor(1) as pool:
+        auth = ("u", "p")  # the hook, as the probes, needs no credentials; the API does
+        future = pool.submit(s.post, "/sdapi/v1/txt2img", {"steps": 1000, "width": 1024}, auth=auth)
+        wait_for(lambda: s.get("/emulator/stats", auth=auth).json()["active"] == 1, timeout=10, interval=0.01)
+        r = s.get("/sd-operator/drain", params={"timeout": "0.3"})
+        body = r.json()
+        assert r.status_code == 200 and body["status"] == "timeout", body
+        assert 0.3 <= body["waitedSeconds"] < 1 and body["busy"]["active"] == 1
+        assert body["busy"]["job"] == "scripts_txt2img"
+        assert future.result(timeout=10).status_code == 200
+        assert s.get("/sd-operator/drain", params={"timeout": "not a number"}).json()["status"] == "drained"
 
 
 # ---------------------------------------------------------------------------------------------

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ast
 import asyncio
+import collections
 import importlib.util
 import inspect
 import json
@@ -17,6 +18,7 @@ import re
 import subprocess
 import sys
 import threading
+import time
 import types
 from importlib.metadata import version
 from pathlib import Path
@@ -26,9 +28,10 @@ from typing import Any
 import pytest
 import yaml
 
+from helpers import wait_for
 from sd_operator.api.lorajob import DEFAULT_TRAINER_IMAGE
 from sd_operator.api.sdinstance import DEFAULT_WEBUI_IMAGE
-from sd_operator.render.sdinstance import LIVE_PATH, READY_PATH
+from sd_operator.render.sdinstance import DRAIN_PATH, LIVE_PATH, READY_PATH
 from sd_operator.settings import DEFAULT_OPERATOR_IMAGE
 from sd_operator.training.args import SD_SCRIPTS_DIR
 
@@ -294,10 +297,13 @@ def test_probe_extension_compiles_for_the_webui_python(tmp_path: Path) -> None:
     py_compile.compile(str(PROBES), cfile=str(tmp_path / "probes.pyc"), doraise=True)
     ast.parse(PROBES.read_text(encoding="utf-8"), feature_version=(3, 10))  # the image's Python is 3.10
     source = PROBES.read_text(encoding="utf-8")
-    assert f'"{LIVE_PATH}"' in source and f'"{READY_PATH}"' in source
+    assert f'"{LIVE_PATH}"' in source and f'"{READY_PATH}"' in source and f'"{DRAIN_PATH}"' in source
     assert "script_callbacks.on_app_started(" in source
-    names = {n.attr if isinstance(n, ast.Attribute) else getattr(n, "id", "") for n in ast.walk(ast.parse(source))}
-    assert "queue_lock" not in names, "the probes must not take A1111's queue lock"
+    # The drain looks at A1111's queue lock; nothing here may take it (or any lock).
+    nodes = list(ast.walk(ast.parse(source)))
+    takes = [n for n in nodes if isinstance(n, ast.With | ast.AsyncWith)]
+    takes += [n for n in nodes if isinstance(n, ast.Attribute) and n.attr in ("acquire", "__enter__")]
+    assert not takes, "the probes must not take A1111's queue lock"
 
 
 class _Shared(types.ModuleType):
@@ -359,7 +365,7 @@ def webui(monkeypatch: pytest.MonkeyPatch) -> SimpleNamespace:
         response = asyncio.run(route.f())
         return response.status_code, response.content
 
-    return SimpleNamespace(routes=routes, model_data=model_data, shared=shared, stubs=stubs, call=call)
+    return SimpleNamespace(routes=routes, model_data=model_data, shared=shared, stubs=stubs, call=call, module=module)
 
 
 def _checkpoint(path: str) -> SimpleNamespace:
@@ -367,7 +373,7 @@ def _checkpoint(path: str) -> SimpleNamespace:
 
 
 def test_probe_routes_are_registered_once_as_get(webui: SimpleNamespace) -> None:
-    assert sorted(r.path for r in webui.routes) == sorted([LIVE_PATH, READY_PATH])
+    assert sorted(r.path for r in webui.routes) == sorted([LIVE_PATH, READY_PATH, DRAIN_PATH])
     assert all(r.methods == ["GET"] for r in webui.routes)
     assert all(inspect.iscoroutinefunction(r.f) for r in webui.routes), "handlers run on the event loop"
 
@@ -403,6 +409,169 @@ def test_unexpected_internals_read_as_not_ready(webui: SimpleNamespace) -> None:
     del webui.stubs["modules.sd_models"].model_data
     code, body = webui.call(READY_PATH)
     assert code == 503 and body["status"] == "unknown"
+
+
+# --- the WebUI drain (the webui container's preStop hook) ----------------------------------------------------
+
+
+class _FIFOLock:
+    """A1111 v1.10.1's modules.call_queue.queue_lock (modules/fifo_lock.py FIFOLock): a threading.Lock `_lock`,
+    the waiting threads' events in `_pending_threads`, handed over in arrival order; no locked() method."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._inner_lock = threading.Lock()
+        self._pending_threads: collections.deque[threading.Event] = collections.deque()
+
+    def acquire(self) -> bool:
+        with self._inner_lock:
+            if self._lock.acquire(False):
+                return True
+            event = threading.Event()
+            self._pending_threads.append(event)
+        event.wait()
+        return self._lock.acquire()
+
+    def release(self) -> None:
+        with self._inner_lock:
+            if self._pending_threads:
+                self._pending_threads.popleft().set()
+            self._lock.release()
+
+
+class _State:
+    """A1111's shared.state (modules/shared_state.py State) as far as the drain reads it."""
+
+    job = ""
+    job_count = 0
+
+    def begin(self, job: str = "(unknown)") -> None:
+        self.job, self.job_count = job, -1
+
+    def end(self) -> None:
+        self.job, self.job_count = "", 0
+
+
+@pytest.fixture
+def drainable(webui: SimpleNamespace, monkeypatch: pytest.MonkeyPatch) -> SimpleNamespace:
+    """The extension with A1111's queue lock (modules.call_queue) and shared.state stand-ins."""
+    lock, state = _FIFOLock(), _State()
+    call_queue = _module("modules.call_queue", queue_lock=lock)
+    monkeypatch.setitem(sys.modules, "modules.call_queue", call_queue)
+    monkeypatch.setattr(webui.stubs["modules"], "call_queue", call_queue, raising=False)
+    webui.shared.state = state
+
+    def drain(**query: str) -> tuple[int, dict[str, Any]]:
+        (route,) = [r for r in webui.routes if r.path == DRAIN_PATH]
+        response = asyncio.run(route.f(**query))
+        return response.status_code, response.content
+
+    return SimpleNamespace(lock=lock, state=state, drain=drain, module=webui.module)
+
+
+def _generation(lock: _FIFOLock, state: _State, seconds: float, done: list[float]) -> None:
+    """What the API's txt2img does: the queue lock, State.begin() ... State.end() inside it."""
+    lock.acquire()
+    try:
+        state.begin(job="scripts_txt2img")
+        time.sleep(seconds)
+        state.end()
+    finally:
+        lock.release()
+    done.append(time.monotonic())
+
+
+def test_busy_reads_the_queue_lock_and_state_without_taking_them(drainable: SimpleNamespace) -> None:
+    busy, lock, state = drainable.module.busy, drainable.lock, drainable.state
+    assert busy(state, lock) is None
+    state.begin(job="scripts_txt2img")
+    assert busy(state, lock) == {"job": "scripts_txt2img", "jobCount": -1, "lockHeld": False, "queued": 0}
+    state.end()
+    assert lock.acquire()  # held by a generation (before State.begin, after State.end)
+    assert busy(state, lock) == {"job": "", "jobCount": 0, "lockHeld": True, "queued": 0}
+    queued = threading.Thread(target=lambda: (lock.acquire(), lock.release()))
+    queued.start()
+    wait_for(lambda: len(lock._pending_threads) == 1, timeout=5, what="a request queued on the lock")
+    assert busy(state, lock) == {"job": "", "jobCount": 0, "lockHeld": True, "queued": 1}
+    lock.release()
+    queued.join(timeout=5)
+    assert busy(state, lock) is None
+    plain = threading.Lock()  # WebUIs before the FIFO lock
+    with plain:
+        assert busy(state, plain) == {"job": "", "jobCount": 0, "lockHeld": True, "queued": 0}
+    assert busy(state, plain) is None
+
+
+def test_drain_answers_at_once_when_idle(drainable: SimpleNamespace) -> None:
+    started = time.monotonic()
+    code, body = drainable.drain()
+    assert code == 200 and body["status"] == "drained"
+    assert body["waitedSeconds"] < 1 and time.monotonic() - started < 1  # one confirming look, 0.25 s later
+
+
+def test_drain_waits_for_the_running_and_the_queued_generation(drainable: SimpleNamespace) -> None:
+    lock, state, done = drainable.lock, drainable.state, []
+    first = threading.Thread(target=_generation, args=(lock, state, 0.6, done))
+    second = threading.Thread(target=_generation, args=(lock, state, 0.3, done))
+    first.start()
+    wait_for(lambda: state.job == "scripts_txt2img", timeout=5, what="the first generation")
+    second.start()
+    wait_for(lambda: len(lock._pending_threads) == 1, timeout=5, what="the second generation queued")
+    ticks: list[float] = []
+
+    async def drain_while_serving() -> Any:
+        async def ticker() -> None:  # the event loop keeps serving other requests meanwhile
+            while True:
+                ticks.append(time.monotonic())
+                await asyncio.sleep(0.05)
+
+        task = asyncio.create_task(ticker())
+        try:
+            return await drainable.module.wait_until_idle(drainable.module._webui_busy, 10.0)
+        finally:
+            task.cancel()
+
+    body = asyncio.run(drain_while_serving())
+    answered = time.monotonic()
+    first.join(timeout=5)
+    second.join(timeout=5)
+    assert body["status"] == "drained" and body["waitedSeconds"] >= 0.5
+    assert len(done) == 2 and max(done) <= answered, "the drain answered before both generations finished"
+    assert len(ticks) >= 10, "the drain blocked the event loop"
+
+
+def test_drain_gives_up_after_its_timeout(drainable: SimpleNamespace) -> None:
+    drainable.state.begin(job="scripts_img2img")  # never ends
+    started = time.monotonic()
+    code, body = drainable.drain(timeout="0.4")
+    assert code == 200 and body["status"] == "timeout"
+    assert body["busy"]["job"] == "scripts_img2img"
+    assert 0.4 <= body["waitedSeconds"] < 1.5 and time.monotonic() - started < 2
+
+
+@pytest.mark.parametrize(
+    ("value", "seconds"),
+    [(None, 110.0), ("", 110.0), ("2.5", 2.5), ("0", 0.0), ("abc", 110.0), ("-1", 110.0), ("nan", 110.0),
+     ("inf", 110.0)],
+)  # fmt: skip
+def test_drain_timeout_parameter(drainable: SimpleNamespace, value: str | None, seconds: float) -> None:
+    assert drainable.module.drain_timeout(value) == seconds
+
+
+def test_drain_defaults_are_the_emulators(drainable: SimpleNamespace) -> None:
+    from sd_operator.emulator import app as emulator
+
+    module = drainable.module
+    assert (module.DRAIN_PATH, module.DRAIN_TIMEOUT) == (DRAIN_PATH, emulator.DRAIN_TIMEOUT)
+    assert (module.DRAIN_POLL, module.DRAIN_IDLE_CHECKS) == (emulator.DRAIN_POLL, emulator.DRAIN_IDLE_CHECKS)
+
+
+def test_drain_never_fails_on_unexpected_internals(webui: SimpleNamespace) -> None:
+    # No modules.call_queue at all: the drain cannot tell whether anything runs, so it waits, then answers.
+    (route,) = [r for r in webui.routes if r.path == DRAIN_PATH]
+    response = asyncio.run(route.f(timeout="0.3"))
+    assert response.status_code == 200 and response.content["status"] == "timeout"
+    assert "call_queue" in response.content["busy"]["error"]
 
 
 # --- trainer -------------------------------------------------------------------------------------------------

@@ -15,10 +15,12 @@ import yaml
 from sd_operator.api.models import ModelFamily
 from sd_operator.api.sdinstance import Attention, SDInstanceSpec, VRAMMode
 from sd_operator.controllers.sdinstance import render_settings
+from sd_operator.emulator.app import DRAIN_TIMEOUT
 from sd_operator.fetch.manifest import parse_manifest
 from sd_operator.render.common import label_value
 from sd_operator.render.sdinstance import (
     CONFIG_HASH_ANNOTATION,
+    DRAIN_PATH,
     RenderSettings,
     attention_flag,
     endpoint,
@@ -916,3 +918,16 @@ def test_endpoint_and_gpu_summary() -> None:
     assert endpoint("demo", "team-a", spec) == "http://demo-webui.team-a.svc:7000"
     assert gpu_summary(spec) == "2x NVIDIA-L4 (24GiB)"
     assert gpu_summary(make_spec(gpu={"resourceName": "nvidia.com/mig-1g.10gb"})) == "1x nvidia.com/mig-1g.10gb"
+
+
+def test_webui_drains_before_it_stops() -> None:
+    # preStop runs before SIGTERM, inside terminationGracePeriodSeconds: the drain route answers once no
+    # generation runs or is queued, and gives up (DRAIN_TIMEOUT, the extension's and the emulator's
+    # default) early enough for the WebUI to stop on SIGTERM before the grace period ends.
+    spec = make_spec(webui={"port": 9001})
+    webui, pod = container(spec, "webui"), pod_spec(spec)
+    assert DRAIN_PATH == "/sd-operator/drain"
+    assert webui["lifecycle"] == {"preStop": {"httpGet": {"path": DRAIN_PATH, "port": "http"}}}
+    assert {"name": "http", "containerPort": 9001, "protocol": "TCP"} in webui["ports"]
+    assert pod["terminationGracePeriodSeconds"] >= DRAIN_TIMEOUT + 5
+    assert "lifecycle" not in container(spec, "fetch-model")

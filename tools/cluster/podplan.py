@@ -4,7 +4,8 @@ image maps to a local program, what its status looks like. No I/O here; podrunne
 The rules follow the kubelet's where the product depends on them: `$(VAR)` expansion in command,
 args and env values; env from fieldRef/configMapKeyRef/secretKeyRef and envFrom; `command` replacing
 the image's ENTRYPOINT and `args` its CMD; a termination message from the file, else (with
-FallbackToLogsOnError and a failure) from the log's tail.
+FallbackToLogsOnError and a failure) from the log's tail; on a container's stop, its preStop hook
+first (httpGet/exec/sleep), bounded by the grace period, then SIGTERM with what is left of it.
 """
 
 from __future__ import annotations
@@ -27,6 +28,8 @@ DEFAULT_GPU_PROFILE = "rtx3090"
 MAX_TERMINATION_MESSAGE = 4096  # bytes of the file's end, as the kubelet
 MAX_TERMINATION_LOG_MESSAGE = 2048  # bytes of the log's end with FallbackToLogsOnError (kubelet: 2048)
 LOG_TAIL_LINES = 80  # FallbackToLogsOnError takes at most this many lines (kubelet: 80)
+DEFAULT_GRACE_SECONDS = 30.0  # terminationGracePeriodSeconds when the pod sets none (the API's default)
+MIN_STOP_SECONDS = 2.0  # the kubelet always leaves a container this long after SIGTERM (minimumGracePeriodInSeconds)
 
 _VAR = re.compile(r"\$\$|\$\(([A-Za-z_][A-Za-z0-9_.-]*)\)")
 
@@ -223,3 +226,50 @@ def probe_address(probe: Mapping[str, Any], container: Mapping[str, Any], pod_ip
     if "exec" in probe:
         return "exec", list(probe["exec"]["command"]), 0
     raise PodError("ProbeError", f"unsupported probe {sorted(probe)}")
+
+
+def grace_period(pod: Mapping[str, Any]) -> float:
+    """The seconds a deleted pod's containers get to stop: metadata.deletionGracePeriodSeconds (what the
+    deletion asked for), else spec.terminationGracePeriodSeconds, else 30."""
+    grace = (pod.get("metadata") or {}).get("deletionGracePeriodSeconds")
+    if grace is None:
+        grace = (pod.get("spec") or {}).get("terminationGracePeriodSeconds")
+    return DEFAULT_GRACE_SECONDS if grace is None else max(0.0, float(grace))
+
+
+def remaining_grace(grace: float, hook_seconds: float) -> float:
+    """The SIGTERM-to-SIGKILL time left once the preStop hook took `hook_seconds` of `grace`: never less
+    than MIN_STOP_SECONDS (the kubelet's `gracePeriod - preStop time`, floored at 2 s)."""
+    return max(grace - max(0.0, hook_seconds), MIN_STOP_SECONDS)
+
+
+@dataclass(frozen=True)
+class Hook:
+    """A container's lifecycle handler, resolved: an HTTP GET (`url`, `headers`), a command run in the
+    container (`command`), or a pause (`seconds`, the `sleep` action)."""
+
+    kind: str  # "httpGet", "exec" or "sleep"
+    url: str = ""
+    headers: dict[str, str] = field(default_factory=dict)
+    command: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+
+
+def pre_stop_hook(container: Mapping[str, Any], pod_ip: str) -> Hook | None:
+    """The container's `lifecycle.preStop`, or None. httpGet goes to the pod's IP (unless `host` is set) on
+    a numbered or named container port, with the spec's scheme (default HTTP) and path (default /)."""
+    handler = (container.get("lifecycle") or {}).get("preStop")
+    if not handler:
+        return None
+    if "httpGet" in handler:
+        try:
+            _, url, _ = probe_address({"httpGet": handler["httpGet"]}, container, pod_ip)
+        except PodError as e:
+            raise PodError("FailedPreStopHook", str(e).replace("probe port", "preStop hook port")) from None
+        headers = {h["name"]: h["value"] for h in handler["httpGet"].get("httpHeaders") or []}
+        return Hook("httpGet", url=url, headers=headers)
+    if "exec" in handler:
+        return Hook("exec", command=[str(a) for a in handler["exec"].get("command") or []])
+    if "sleep" in handler:
+        return Hook("sleep", seconds=float(handler["sleep"]["seconds"]))
+    raise PodError("FailedPreStopHook", f"unsupported preStop handler {sorted(handler)}")

@@ -10,7 +10,8 @@ podexec.py with the pod's volumes at their mount paths, its command/args/env (`$
 image mapped to a local program (images.yaml), bound to the pod's IP. That IP comes from --ip-range and
 is added to `lo`, so EndpointSlices carry addresses that answer. It reports what a kubelet reports:
 phase, conditions, container states with exit codes and termination messages, restarts with back-off,
-probe results; and on deletion it stops the processes within the grace period, then removes the pod.
+probe results; and on deletion it stops the containers within the grace period (each one's preStop hook
+first, then SIGTERM with what is left of it, then SIGKILL), then removes the pod.
 It also provisions PersistentVolumes (a folder each) for claims of the `local` StorageClass.
 
 It refuses to run outside a loopback-only network namespace (tools/netns.sh): pod IPs must never be
@@ -44,6 +45,7 @@ from kubernetes.client.rest import ApiException
 
 from localcluster import loopback_only
 from podplan import (
+    Hook,
     PodError,
     Program,
     condition,
@@ -51,8 +53,11 @@ from podplan import (
     container_env,
     field_ref,
     gpu_profile,
+    grace_period,
     image_program,
+    pre_stop_hook,
     probe_address,
+    remaining_grace,
     termination_message,
 )
 
@@ -424,6 +429,71 @@ class Container:
             }
         }
 
+    def terminate(self, grace: float) -> None:
+        """As the kubelet kills a container: its preStop hook first, for at most `grace` seconds, then
+        SIGTERM with what is left of the grace period (at least 2 s), then SIGKILL. A hook that fails or
+        overruns is logged and the container stops all the same."""
+        if self.proc is None or self.proc.poll() is not None:
+            self.stop(remaining_grace(grace, 0.0))
+            return
+        started = time.monotonic()
+        if grace > 0:
+            self.run_pre_stop(grace)
+        self.stop(remaining_grace(grace, time.monotonic() - started))
+
+    def run_pre_stop(self, grace: float) -> None:
+        key = f"{self.worker.key}: {self.name}"
+        try:
+            hook = pre_stop_hook(self.spec, self.worker.ip or "127.0.0.1")
+        except PodError as e:
+            log.warning("%s: preStop hook not run: %s", key, e)
+            return
+        if hook is None:
+            return
+        what = hook.url or " ".join(hook.command) or f"sleep {hook.seconds:g}s"
+        log.info("%s: preStop %s %s (at most %.0fs)", key, hook.kind, what, grace)
+        started = time.monotonic()
+        # As the kubelet: the hook runs aside and is waited for at most `grace` seconds, whatever it does.
+        result: list[tuple[str, bool]] = []
+        runner = threading.Thread(
+            target=lambda: result.append(self._run_hook(hook, grace)), name=f"prestop-{key}", daemon=True
+        )
+        runner.start()
+        runner.join(grace)
+        outcome, failed = result[0] if result else (f"still running after {grace:g}s", True)
+        took = time.monotonic() - started
+        if failed:
+            log.warning("%s: preStop hook failed after %.1fs (%s); stopping it anyway", key, took, outcome)
+        else:
+            log.info("%s: preStop hook done in %.1fs: %s", key, took, outcome)
+
+    def _run_hook(self, hook: Hook, grace: float) -> tuple[str, bool]:
+        """(outcome, failed) of running `hook`."""
+        try:
+            if hook.kind == "httpGet":
+                r = requests.get(hook.url, headers=hook.headers, timeout=grace)
+                return f"HTTP {r.status_code} {r.text.strip()[:300]}", not 200 <= r.status_code < 400
+            if hook.kind == "exec":
+                done = self.run_in_container(hook.command, "prestop.json", timeout=grace)
+                return f"exit code {done.returncode}", done.returncode != 0
+            time.sleep(min(hook.seconds, grace))
+            return "slept", False
+        except (OSError, requests.RequestException, subprocess.TimeoutExpired) as e:
+            return f"{type(e).__name__}: {e}", True
+
+    def run_in_container(self, argv: list[str], name: str, timeout: float) -> subprocess.CompletedProcess[bytes]:
+        """`argv` in the container's view (its mounts, environment and working folder), like `kubectl exec`."""
+        run_spec = json.loads((self.dir / "exec.json").read_text())
+        run_spec["argv"] = argv
+        path = self.dir / name
+        path.write_text(json.dumps(run_spec))
+        return subprocess.run(
+            [sys.executable, str(HERE / "podexec.py"), str(path)],
+            check=False,
+            capture_output=True,
+            timeout=timeout,
+        )
+
     def stop(self, grace: float) -> None:
         if self.proc is None:
             return
@@ -487,17 +557,7 @@ class Container:
                 with socket.create_connection((target, port), timeout=timeout):
                     return True
             # exec: the command in the container's view, like `kubectl exec`
-            probe_spec = json.loads((self.dir / "exec.json").read_text())
-            probe_spec["argv"] = target
-            path = self.dir / "probe.json"
-            path.write_text(json.dumps(probe_spec))
-            done = subprocess.run(
-                [sys.executable, str(HERE / "podexec.py"), str(path)],
-                check=False,
-                capture_output=True,
-                timeout=timeout + 5,
-            )
-            return done.returncode == 0
+            return self.run_in_container(target, "probe.json", timeout=timeout + 5).returncode == 0
         except (OSError, requests.RequestException, subprocess.TimeoutExpired, PodError):
             return False
 
@@ -628,8 +688,8 @@ class PodWorker(threading.Thread):
                     c.schedule_restart()
                 if c.proc is None and "waiting" in c.state and time.monotonic() >= c.next_start:
                     self.start_container(c)
-                if c.probe() == "restart":
-                    c.stop(float(self.pod["spec"].get("terminationGracePeriodSeconds", 30)))
+                if c.probe() == "restart":  # the kubelet runs the preStop hook here too
+                    c.terminate(float(self.pod["spec"].get("terminationGracePeriodSeconds", 30)))
                     c.schedule_restart()
             if all(c.proc is None and "terminated" in c.state for c in self.containers):
                 ok = all(c.state["terminated"]["exitCode"] == 0 for c in self.containers)
@@ -660,13 +720,19 @@ class PodWorker(threading.Thread):
 
     def teardown(self) -> None:
         """Stops the processes within the grace period, then removes the pod (as a kubelet) and its folders."""
-        grace = self.pod["metadata"].get("deletionGracePeriodSeconds")
-        if grace is None:
-            grace = self.pod["spec"].get("terminationGracePeriodSeconds", 30)
+        grace = grace_period(self.pod)
         if self.runner.stopping.is_set():
             grace = min(grace, 5)
-        for c in self.init_containers + self.containers:
-            c.stop(float(grace))
+        # As the kubelet: all containers stop at once, each running its preStop hook before its SIGTERM.
+        stopping = [
+            threading.Thread(target=c.terminate, args=(grace,), name=f"stop-{self.key}/{c.name}", daemon=True)
+            for c in self.init_containers + self.containers
+            if c.proc is not None
+        ]
+        for t in stopping:
+            t.start()
+        for t in stopping:
+            t.join()
         if self.ip and self.ip != "127.0.0.1":
             self.runner.ips.give_back(self.ip)
             self.ip = ""
