@@ -151,3 +151,48 @@ def test_committed_argocd_cm_matches_the_lua_files() -> None:
     data = yaml.safe_load(rendered)["data"]
     key = "resource.customizations.health.sd-operator.dev_{}"
     assert data == {key.format(k): (GROUP / k / "health.lua").read_text() for k in KINDS}
+
+
+def autoscaled(phase: str, reason: str, pods: int, ready: int, message: str, **spec: Any) -> dict[str, Any]:
+    """An SDInstance with spec.autoscaling as the operator reports it (the Ready condition carries the reason)."""
+    model = {
+        "family": "sd15",
+        "checkpoint": {"name": "m.safetensors", "source": {"http": {"url": "https://h/m.safetensors"}}},
+    }
+    obj = {
+        "kind": "SDInstance",
+        "metadata": {"name": "sleepy", "generation": 3},
+        "spec": {"model": model, "autoscaling": {"minReplicas": 0, "maxReplicas": 2}, **spec},
+        "status": {
+            "phase": phase,
+            "message": message,
+            "observedGeneration": 3,
+            "replicas": pods,
+            "readyReplicas": ready,
+            "desiredReplicas": pods,
+            "conditions": [
+                {"type": "Ready", "status": "True" if phase == "Ready" else "False", "reason": reason},
+                {"type": "ScaledToZero", "status": "True" if pods == 0 else "False", "reason": reason},
+            ],
+        },
+    }
+    sdinstance.SDInstanceSpec.model_validate(obj["spec"])
+    return obj
+
+
+def test_autoscaled_instance_at_zero_is_healthy() -> None:
+    at_zero = "scaled to zero for lack of demand; the gateway holds the next request while a pod starts"
+    for spec in ({}, {"replicas": 0}, {"replicas": 2}):  # spec.replicas is ignored under autoscaling
+        hs = health("SDInstance", autoscaled("Ready", "ScaledToZero", 0, 0, at_zero, **spec))
+        assert hs == {"status": "Healthy", "message": "Scaled to zero"}, spec
+
+
+def test_autoscaled_from_zero_is_progressing_until_ready() -> None:
+    starting = "Counterfeit-V3.0_fp16.safetensors 41% (856 MiB of 2.1 GiB)"
+    for spec in ({}, {"replicas": 0}, {"replicas": 1}):
+        hs = health("SDInstance", autoscaled("Downloading", "Downloading", 1, 0, starting, **spec))
+        assert hs == {"status": "Progressing", "message": f"Downloading: {starting}"}, spec
+        hs = health("SDInstance", autoscaled("Loading", "Loading", 1, 0, "loading the checkpoint", **spec))
+        assert hs["status"] == "Progressing", spec
+    hs = health("SDInstance", autoscaled("Ready", "Ready", 2, 2, "scaled 0 -> 2 (demand 3)"))
+    assert hs == {"status": "Healthy", "message": "2/2 replicas ready"}

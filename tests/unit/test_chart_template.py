@@ -266,6 +266,7 @@ def test_default_objects() -> None:
         ["ClusterRole", "ClusterRoleBinding"] * 2
         + ["ConfigMap", "Deployment", "Deployment", "PodDisruptionBudget", "Service", "Service"]
         + ["ServiceAccount", "ServiceAccount"]
+        + ["Role", "RoleBinding"]  # the gateway's demand reports
     )
     namespaced = [o for o in objs if not o["kind"].startswith("Cluster")]
     assert all(o["metadata"]["namespace"] == NAMESPACE for o in namespaced)
@@ -675,3 +676,86 @@ def test_dist_bundle_is_ordered_and_deterministic(tmp_path: Path) -> None:
     env = env_of(container(operator))
     # The release name equals the chart name: the operator's built-in gateway URL default applies.
     assert env["SD_GATEWAY_URL"] == "http://sd-operator-gateway.sd-operator.svc:8080"
+
+
+# ---------------------------------------------------------------------------------------------
+# Demand reports for SDInstance autoscaling
+
+
+def demand_role(objs: list[dict[str, Any]], kind: str = "Role") -> dict[str, Any]:
+    return find(objs, kind, f"{GATEWAY}-demand")
+
+
+def test_gateway_reports_demand_as_its_pod(monkeypatch: pytest.MonkeyPatch) -> None:
+    from sd_operator.gateway.demand import default_gateway_id, default_namespace
+
+    c = container(find(render(), "Deployment", GATEWAY))
+    assert "--report-demand" in c["args"] and "--cold-start-timeout=600" in c["args"]
+    args = build_parser().parse_args(c["args"])
+    assert args.report_demand and args.cold_start_timeout == 600.0
+    # No --gateway-id or --demand-namespace: the gateway takes them from its pod, by the downward API.
+    assert args.gateway_id is None and args.demand_namespace is None
+    env = env_of(c)
+    fields = {"POD_NAME": "metadata.name", "POD_NAMESPACE": "metadata.namespace", "POD_UID": "metadata.uid"}
+    for name, field in fields.items():
+        assert env[name] == {"fieldRef": {"fieldPath": field}}, name
+    monkeypatch.setenv("POD_NAME", "rel-sd-operator-gateway-7c9d-x2x")
+    monkeypatch.setenv("POD_NAMESPACE", NAMESPACE)
+    assert (default_gateway_id(), default_namespace()) == ("rel-sd-operator-gateway-7c9d-x2x", NAMESPACE)
+    tuned = container(find(render("--set", "gateway.coldStartTimeout=90"), "Deployment", GATEWAY))
+    assert build_parser().parse_args(tuned["args"]).cold_start_timeout == 90.0
+    full = container(find(render(*SCENARIOS["full"]), "Deployment", GATEWAY))
+    assert build_parser().parse_args(full["args"]).cold_start_timeout == 300.0
+    assert "/gateway/coldStartTimeout" in render_fails("--set", "gateway.coldStartTimeout=-1")
+    assert "/gateway/autoscaling/reportDemand" in render_fails("--set", "gateway.autoscaling.reportDemand=yes")
+
+
+@pytest.mark.parametrize("scenario", ["defaults", "namespaced"])
+def test_gateway_demand_role_writes_configmaps_in_its_own_namespace_only(scenario: str) -> None:
+    objs = render(*SCENARIOS[scenario])
+    role = demand_role(objs)
+    assert role["metadata"]["namespace"] == NAMESPACE
+    # By verb, not by name: report names follow pod names, and create cannot be limited by resourceNames.
+    assert role["rules"] == [
+        {"apiGroups": [""], "resources": ["configmaps"], "verbs": ["get", "create", "update", "patch", "delete"]}
+    ]
+    binding = demand_role(objs, "RoleBinding")
+    assert binding["metadata"]["namespace"] == NAMESPACE
+    assert binding["roleRef"] == {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": f"{GATEWAY}-demand"}
+    assert binding["subjects"] == [{"kind": "ServiceAccount", "name": GATEWAY, "namespace": NAMESPACE}]
+    # Nowhere else may the gateway write: its other (Cluster)Roles only read.
+    for o in objs:
+        if o["kind"] in ("Role", "ClusterRole") and o["metadata"]["name"] == GATEWAY:
+            assert not allows(o["rules"], "", "configmaps", "get"), o["metadata"].get("namespace")
+            assert {v for rule in o["rules"] for v in rule["verbs"]} == {"get", "list", "watch"}
+
+
+def test_report_demand_off_drops_the_flag_and_the_role() -> None:
+    objs = render("--set", "gateway.autoscaling.reportDemand=false")
+    c = container(find(objs, "Deployment", GATEWAY))
+    assert "--report-demand" not in c["args"]
+    args = build_parser().parse_args(c["args"])
+    assert not args.report_demand
+    assert args.cold_start_timeout == 600.0  # still holds requests for instances scaled by others
+    assert not [o for o in objs if o["metadata"]["name"] == f"{GATEWAY}-demand"]
+    assert kinds(objs) == kinds([o for o in render() if o["metadata"]["name"] != f"{GATEWAY}-demand"])
+    # No RBAC at all from the chart: no demand Role either, the flag stays.
+    no_rbac = render("--set", "rbac.create=false")
+    assert not [o for o in no_rbac if o["kind"] in ("Role", "RoleBinding", "ClusterRole", "ClusterRoleBinding")]
+    assert "--report-demand" in container(find(no_rbac, "Deployment", GATEWAY))["args"]
+
+
+@pytest.mark.parametrize("scenario", ["defaults", "namespaced"])
+def test_operator_may_read_demand_reports_and_scale(scenario: str) -> None:
+    objs = render(*SCENARIOS[scenario])
+    kind = "ClusterRole" if scenario == "defaults" else "Role"
+    roles = [o for o in objs if o["kind"] == kind and o["metadata"]["name"] == OPERATOR]
+    assert len(roles) == (1 if scenario == "defaults" else 2)  # namespaced: team-a and team-b
+    for role in roles:
+        rules = role["rules"]
+        for verb in ("get", "list", "watch"):  # the gateways' reports, in every watched namespace
+            assert allows(rules, "", "configmaps", verb), verb
+        assert allows(rules, "apps", "deployments", "patch")  # the replica count it owns
+        assert allows(rules, "", "events", "create")  # ScaledUp, ScaledDown, ScaledToZero
+        assert allows(rules, "sd-operator.dev", "sdinstances/status", "patch")  # desiredReplicas, lastScale*
+        assert not allows(rules, "", "configmaps", "delete")  # the gateways' reports are theirs

@@ -33,8 +33,12 @@ namespace holds them.
   resources: [deployments]
   verbs: [get, create, patch]
 - apiGroups: [""]
-  resources: [services, configmaps, serviceaccounts]
+  resources: [services, serviceaccounts]
   verbs: [get, create, patch]
+# ConfigMaps: the WebUI settings it applies, and the gateways' demand reports it watches (autoscaling).
+- apiGroups: [""]
+  resources: [configmaps]
+  verbs: [get, list, watch, create, patch]
 - apiGroups: [networking.k8s.io]
   resources: [networkpolicies]
   verbs: [get, create, patch]
@@ -79,4 +83,11 @@ scanning); and the ClusterKopfPeering when the operator watches the whole cluste
 - apiGroups: [discovery.k8s.io]
   resources: [endpointslices]
   verbs: [get, list, watch]
+{{- end }}
+
+{{/* The gateway's demand report (--report-demand), in the release namespace only. */}}
+{{- define "sd-operator.gatewayDemandRules" -}}
+- apiGroups: [""]
+  resources: [configmaps]
+  verbs: [get, create, update, patch, delete]
 {{- end }}

@@ -9,7 +9,8 @@ if st == nil or st.observedGeneration == nil or (gen ~= nil and st.observedGener
   return hs
 end
 -- No pods are wanted, so none being ready is the desired state, whatever pods are still shutting down.
-if obj.spec ~= nil and obj.spec.replicas == 0 then
+-- With spec.autoscaling, spec.replicas is ignored: the operator's status says whether pods are wanted.
+if obj.spec ~= nil and obj.spec.replicas == 0 and obj.spec.autoscaling == nil then
   hs.status = "Healthy"
   hs.message = "Scaled to zero"
   return hs
@@ -19,7 +20,19 @@ local detail = ""
 if st.message ~= nil and st.message ~= "" then
   detail = ": " .. st.message
 end
-if phase == "Ready" then
+local readyReason = nil
+if st.conditions ~= nil then
+  for _, c in ipairs(st.conditions) do
+    if c.type == "Ready" then
+      readyReason = c.reason
+    end
+  end
+end
+if phase == "Ready" and readyReason == "ScaledToZero" then
+  -- spec.autoscaling with minReplicas 0 and no demand: asleep as intended; a request wakes it.
+  hs.status = "Healthy"
+  hs.message = "Scaled to zero"
+elseif phase == "Ready" then
   hs.status = "Healthy"
   hs.message = tostring(st.readyReplicas or 0) .. "/" .. tostring(st.replicas or 0) .. " replicas ready"
 elseif phase == "Pending" or phase == "Downloading" or phase == "Loading" then
