@@ -8,7 +8,7 @@ import random
 from typing import Any
 
 import pytest
-from test_sdinstance_status import make_spec, ready_pod, views
+from test_sdinstance_status import downloading_pod, fetch_failed_pod, make_spec, ready_pod, views
 
 from sd_operator.autoscaling import (
     DEMAND_STALE_SECONDS,
@@ -205,7 +205,7 @@ def test_an_autoscaled_instance_at_zero_is_ready_and_says_so() -> None:
 def test_an_autoscaled_instance_follows_the_autoscaler_not_spec_replicas() -> None:
     spec = make_spec(replicas=5, **AUTOSCALED)
     status = derive_status("a", "ns", spec, views(ready_pod("p1")), None, 1, _scaling(2, limited="demand 9 asks for 5"))
-    assert (status["phase"], status["ready"], status["desiredReplicas"]) == ("Degraded", "1/2", 2)
+    assert (status["phase"], status["ready"], status["desiredReplicas"]) == ("Ready", "1/2", 2)  # scaling up
     limited = get_condition(status["conditions"], "ScalingLimited")
     assert limited is not None and (limited["status"], limited["reason"]) == ("True", "TooManyReplicas")
     zero = get_condition(status["conditions"], "ScaledToZero")
@@ -217,3 +217,19 @@ def test_removing_autoscaling_removes_its_status() -> None:
     after = derive_status("a", "ns", make_spec(replicas=1), views(ready_pod("p1")), before, 2)
     assert {c["type"] for c in after["conditions"]}.isdisjoint({"ScaledToZero", "ScalingLimited"})
     assert after["lastScaleTime"] is None and after["desiredReplicas"] == 1
+
+
+def test_an_autoscaled_instance_scaling_up_stays_ready_while_new_pods_start() -> None:
+    spec = make_spec(**AUTOSCALED)
+    status = derive_status("a", "ns", spec, views(ready_pod("p1"), downloading_pod("p2")), None, 1, _scaling(2))
+    assert (status["phase"], status["ready"]) == ("Ready", "1/2")
+    ready = get_condition(status["conditions"], "Ready")
+    assert ready is not None and (ready["status"], ready["reason"]) == ("True", "ScalingUp")
+    assert status["message"] == "1/2 ready; scaling up: fetching model files"
+    # Without autoscaling the same pods are a degraded instance; so is an autoscaled one whose new pod fails.
+    assert (
+        derive_status("a", "ns", make_spec(replicas=2), views(ready_pod("p1"), downloading_pod("p2")), None, 1)["phase"]
+        == "Degraded"
+    )
+    failing = derive_status("a", "ns", spec, views(ready_pod("p1"), fetch_failed_pod("p2")), None, 1, _scaling(2))
+    assert failing["phase"] == "Degraded"

@@ -197,3 +197,25 @@ def test_when_a_report_is_written() -> None:
     assert pub.due(busy, now=DEMAND_HEARTBEAT_SECONDS)  # unchanged demand is renewed
     pub.written = {}
     assert not pub.due({}, now=DEMAND_HEARTBEAT_SECONDS * 10)  # no demand: nothing to renew
+
+
+def test_the_gateway_stays_ready_while_every_model_sleeps_at_zero() -> None:
+    """Its readiness keeps it in its Service: else the request that wakes a model could never arrive."""
+    from aiohttp.test_utils import TestClient, TestServer
+
+    from sd_operator.gateway.app import STATE, create_app
+    from sd_operator.gateway.config import GatewayConfig
+
+    async def scenario() -> tuple[int, int, dict]:
+        app = create_app(GatewayConfig())
+        async with TestClient(TestServer(app, host="127.0.0.1")) as http:
+            empty = (await http.get("/readyz")).status
+            model = declared_model(instance("a", autoscaling=True, phase="Ready", reason="ScaledToZero"))
+            assert model is not None
+            app[STATE].registry.declared[model.instance] = model
+            answer = await http.get("/readyz")
+            return empty, answer.status, await answer.json()
+
+    empty, sleeping, body = asyncio.run(scenario())
+    assert (empty, sleeping) == (503, 200)
+    assert body["scalesFromZero"] == ["cold.safetensors"]

@@ -125,6 +125,12 @@ def derive_status(
         phase, reason, message = Phase.READY, "Ready", f"{ready}/{desired} replicas ready"
     elif failed and ready == 0:
         phase, reason, message = Phase.FAILED, failed[0]["reason"], failed[0]["message"]
+    elif ready > 0 and scaling is not None and not failed and all(p["state"] != UNSCHEDULABLE for p in waiting):
+        # The autoscaler added replicas that are on their way: serving, not degraded (Argo CD: Healthy).
+        starting = (
+            max(waiting, key=lambda p: PROGRESS_ORDER.index(p["state"]))["message"] if waiting else "pods creating"
+        )
+        phase, reason, message = Phase.READY, "ScalingUp", f"{ready}/{desired} ready; scaling up: {starting}"
     elif ready > 0:
         stuck = [p for p in waiting if p["state"] == UNSCHEDULABLE]
         worst = (failed or stuck or waiting or [{"message": "replicas starting"}])[0]

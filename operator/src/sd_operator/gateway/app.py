@@ -581,9 +581,15 @@ async def healthz(_: web.Request) -> web.Response:
 
 
 async def readyz(request: web.Request) -> web.Response:
-    backends = _state(request).dispatcher.all_backends()
-    ready = any(not b.ejected for b in backends)
-    return web.json_response({"ready": ready, "backends": len(backends)}, status=200 if ready else 503)
+    """Ready when some instance can take work now, or when a model at zero will get one on demand: a
+    gateway that left its Service while every model sleeps would never see the request that wakes one."""
+    state = _state(request)
+    backends = state.dispatcher.all_backends()
+    waking = sorted({d.model for d in state.registry.declared.values() if d.scalable and d.phase != "Failed"})
+    ready = any(not b.ejected for b in backends) or bool(waking)
+    return web.json_response(
+        {"ready": ready, "backends": len(backends), "scalesFromZero": waking}, status=200 if ready else 503
+    )
 
 
 async def metrics_handler(request: web.Request) -> web.Response:
