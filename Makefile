@@ -90,6 +90,7 @@ bench: deps venv tools ## benchmarks (numbers for the closing notes; not run by 
 	$(PY) bench/gateway_dispatch.py
 	$(PY) bench/gateway_overhead.py
 	$(PY) bench/autoscale_trace.py
+	tools/netns.sh $(PY) bench/cold_start.py
 
 dist: crds tools ## render dist/install.yaml (CRDs, Namespace, the chart's defaults) for kubectl apply --server-side
 	@bash tools/dist.sh
