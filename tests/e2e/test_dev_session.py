@@ -104,7 +104,7 @@ def test_dev_session_prints_three_commands_that_work_and_stops_clean(tmp_path: P
         run = {"shell": True, "cwd": work, "capture_output": True, "text": True, "timeout": 300}
         listed = subprocess.run(commands[0], check=False, **run)  # type: ignore[call-overload]
         assert listed.returncode == 0, listed.stderr
-        assert re.search(r"sdinstance.sd-operator.dev/anime-sd15\s.*1/1\s+Ready", listed.stdout), listed.stdout
+        assert re.search(r"sdinstance.sd-operator.dev/anime-sd15\s.*1/1\s+1\s+Ready", listed.stdout), listed.stdout
 
         generated = subprocess.run(commands[1], check=False, **run)  # type: ignore[call-overload]
         assert generated.returncode == 0 and "wrote txt2img.png" in generated.stdout, generated.stderr

@@ -357,6 +357,6 @@ def test_get_sd_lists_all_three_kinds_with_their_columns(
     assert "lorajob.sd-operator.dev/x" in out
     assert "generationbatch.sd-operator.dev/x" in out
     header = kubectl(cluster, "-n", namespace, "get", "sdi").splitlines()[0].split()
-    assert header == ["NAME", "MODEL", "READY", "PHASE", "GPU", "AGE"]
+    assert header == ["NAME", "MODEL", "READY", "DESIRED", "PHASE", "GPU", "AGE"]
     header = kubectl(cluster, "-n", namespace, "get", "gb").splitlines()[0].split()
     assert header == ["NAME", "MODEL", "PROGRESS", "FAILED", "PHASE", "AGE"]
