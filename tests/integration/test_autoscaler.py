@@ -92,9 +92,10 @@ def test_demand_scales_an_instance_from_zero_and_back_without_touching_its_spec(
     assert limited["reason"] == "TooManyReplicas" and "maxReplicas is 2" in limited["message"]
     assert deployment_replicas(cluster, namespace, "auto") == 2
 
-    # Demand gone (one gateway says so, the other's report is deleted): after the delay, back to zero.
-    publish(core, namespace, "gw-a", queued=0)
+    # Demand gone (one gateway's report is deleted, the other says so): after the delay, back to zero.
+    # (In this order no lower count stands in between: the rule would rightly step down through it.)
     core.delete_namespaced_config_map(report_name("gw-b"), namespace)
+    publish(core, namespace, "gw-a", queued=0)
     time.sleep(1)
     assert desired_is(custom, cluster, namespace, "auto", 2), "scaled down before the delay"
     wait_for(lambda: desired_is(custom, cluster, namespace, "auto", 0), timeout=30, what="back to zero")
