@@ -68,12 +68,15 @@ def apply(obj: dict[str, Any], *, field_manager: str = FIELD_MANAGER, api: clien
     )
 
 
-def merge_patch(obj: dict[str, Any], patch: dict[str, Any], *, api: client.ApiClient | None = None) -> Any:
-    """A merge patch of an object (apiVersion, kind, metadata name and namespace); None when it is gone."""
+def merge_patch(
+    obj: dict[str, Any], patch: dict[str, Any], *, subresource: str = "", api: client.ApiClient | None = None
+) -> Any:
+    """A merge patch of an object (apiVersion, kind, metadata name and namespace) or of one of its
+    subresources; None when the object is gone."""
     api = api or api_client()
     try:
         return api.call_api(
-            _path(obj),
+            _path(obj, subresource),
             "PATCH",
             header_params={"Content-Type": "application/merge-patch+json", "Accept": "application/json"},
             body=patch,
@@ -97,19 +100,5 @@ def patch_status(
     api: client.ApiClient | None = None,
 ) -> Any:
     """A merge patch of the status subresource; None when the object is gone."""
-    api = api or api_client()
     obj = {"apiVersion": api_version, "kind": kind, "metadata": {"namespace": namespace, "name": name}}
-    try:
-        return api.call_api(
-            _path(obj, "status"),
-            "PATCH",
-            header_params={"Content-Type": "application/merge-patch+json", "Accept": "application/json"},
-            body={"status": status},
-            response_types_map={200: "object"},
-            auth_settings=["BearerToken"],
-            _return_http_data_only=True,
-        )
-    except ApiException as e:
-        if e.status == 404:
-            return None
-        raise
+    return merge_patch(obj, {"status": status}, subresource="status", api=api)
