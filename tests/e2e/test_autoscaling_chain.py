@@ -3,6 +3,7 @@ and back, and no request is lost on the way (real operator, real gateways, pods 
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -154,8 +155,10 @@ def test_demand_of_two_gateways_is_summed(
                  what="two replicas for the summed demand")  # fmt: skip
         answers = [f.result() for f in pending]
     assert [a.status_code for a in answers] == [200] * 4
+    # The scale to 2 came from more demand than either gateway held (2 each; reports land one at a time).
     messages = [e.message for e in scale_events(chain, namespace, "pair")]
-    assert any("-> 2: demand 4" in m for m in messages), messages
+    to_two = [int(m[1]) for m in (re.search(r"-> 2: demand (\d+)", m) for m in messages) if m]
+    assert to_two and to_two[0] > 2, messages
 
 
 def test_a_long_generation_completes_while_its_pod_is_scaled_away(
@@ -166,6 +169,9 @@ def test_a_long_generation_completes_while_its_pod_is_scaled_away(
     chain.require_local()
     ckpt = f"e2e-drain-{chain.run_id}.safetensors"
     body = autoscaled("drain", ckpt, minReplicas=1, maxReplicas=2, targetPerReplica=1, scaleDownDelaySeconds=2)
+    # On the RTX 4090 nodes: the long generation's length is then known (about 33 s at the local time scale),
+    # well past the scale-down and well within the drain's 110 s.
+    body["spec"]["gpu"] = {"memoryGiB": 24, "product": "NVIDIA-GeForce-RTX-4090"}
     custom.create_namespaced_custom_object(GROUP, VERSION, namespace, "sdinstances", body)
     wait_phase(custom, namespace, "drain", "Ready", timeout=120)
     (first,) = webui_pods(chain, namespace, "drain")
@@ -173,8 +179,8 @@ def test_a_long_generation_completes_while_its_pod_is_scaled_away(
              what="the gateway to use the first pod")  # fmt: skip
 
     with ThreadPoolExecutor(2) as pool:
-        # Long: 3 x 1000 steps at 1024² (20 s or more at the local time scale); it takes the idle first pod.
-        long = pool.submit(txt2img, chain.gateway_url, ckpt, f"long {chain.run_id}", steps=1000, size=1024, n_iter=3)
+        # Long: 5 x 1000 steps at 1024²; it takes the idle first pod.
+        long = pool.submit(txt2img, chain.gateway_url, ckpt, f"long {chain.run_id}", steps=1000, size=1024, n_iter=5)
         wait_for(lambda: (listed(chain.gateway_url, ckpt) or {}).get("idle") == 0, timeout=30, what="long running")
         short = pool.submit(txt2img, chain.gateway_url, ckpt, f"short {chain.run_id}", steps=10, size=512)
         # The short one waits for a second pod (demand 2 -> 2 replicas). Make the scheduler keep that one when
