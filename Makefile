@@ -13,6 +13,8 @@ export PATH := $(BIN):$(VENV)/bin:$(PATH)
 # Debian packages the tooling needs: openssl (cluster PKI), redis-server (cache tests), nginx (benchmark baseline).
 # iproute2 and util-linux: the local pod runner's addresses (ip) and namespaces (unshare, tools/netns.sh).
 APT_PACKAGES := openssl redis-server nginx-light iproute2 util-linux
+# What only the benchmarks need: wrk (the gateway overhead bench's load generator).
+BENCH_APT_PACKAGES := wrk
 
 .PHONY: help deps venv constraints tools crds cluster-up cluster-down cluster-status cluster-clean dev dev-down lint unit e2e \
         integration test bench images dist clean
@@ -21,7 +23,7 @@ help: ## list the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-16s %s\n", $$1, $$2}'
 
 deps: ## install the Debian packages the tooling needs (only the missing ones)
-	@missing=$$(for p in $(APT_PACKAGES); do dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q 'ok installed' || echo $$p; done); \
+	@missing=$$(for p in $(APT_PACKAGES) $(EXTRA_APT_PACKAGES); do dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q 'ok installed' || echo $$p; done); \
 	if [ -n "$$missing" ]; then \
 	  echo "deps: installing $$missing"; \
 	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing) >/dev/null; \
@@ -84,6 +86,7 @@ e2e: deps venv tools ## end-to-end: real pods' commands, downloads, gateway, bat
 test: deps venv tools lint unit ## everything CI runs: lint, unit, then integration and e2e side by side
 	@bash tools/parallel.sh "$(MAKE) --no-print-directory integration" "$(MAKE) --no-print-directory e2e"
 
+bench: EXTRA_APT_PACKAGES := $(BENCH_APT_PACKAGES)
 bench: deps venv tools ## benchmarks (numbers for the closing notes; not run by `make test`)
 	$(PY) bench/sdinstances.py --count 200 --idle-seconds 60
 	$(PY) bench/batch_throughput.py --items 200 --speed 1.0
