@@ -652,3 +652,109 @@ def test_build_script_builds_every_image_at_the_package_version(tmp_path: Path) 
         assert f"--tag ghcr.io/sd-operator/{name}:{VERSION}" in line
         assert f"--build-arg VERSION={VERSION}" in line
         assert line.endswith(" .")
+
+
+# --- pins recorded as checked against the real projects (tests/fixtures/real/image_pins.json) --------------
+
+IMAGE_PINS = ROOT / "tests" / "fixtures" / "real" / "image_pins.json"
+PIN_STATUSES = {"agrees", "differs", "not checked"}
+# A literal `name==version` in a RUN (the ARG-driven ones read `name==${ARG}` and are recorded as ARGs).
+LITERAL_PIN = re.compile(r"(?<![\w.$-])([A-Za-z][\w.-]*)==(\d[\w.+]*)")
+
+
+def recorded_pins(image: str) -> dict[tuple[str, str], dict[str, Any]]:
+    data = json.loads(IMAGE_PINS.read_text(encoding="utf-8"))
+    pins = [p for p in data["pins"] if p["image"] == image]
+    keyed = {(p["kind"], p["name"]): p for p in pins}
+    assert len(keyed) == len(pins), f"{image}: a pin is recorded twice in {IMAGE_PINS.name}"
+    return keyed
+
+
+def dockerfile_pins(image: str) -> dict[tuple[str, str], str]:
+    """Every pin the Dockerfile sets, as (kind, name) -> value: ARG defaults, base images, literal pip pins, the
+    Python package it installs with apt, and the ENV overrides of the upstream launcher's repositories/commits."""
+    pins: dict[tuple[str, str], str] = {("arg", k): v for k, v in arg_defaults(image).items() if k != "VERSION"}
+    for kw, rest in instructions(image):
+        if kw == "FROM":
+            base, _, tag = rest.split()[0].partition(":")
+            assert pins.setdefault(("base", base), tag) == tag, f"{image}: two tags of {base}"
+    raw_run = "\n".join(rest for kw, rest in instructions(image) if kw == "RUN")
+    for package, pinned in LITERAL_PIN.findall(raw_run):
+        assert pins.setdefault(("pip", package), pinned) == pinned, f"{image}: {package} pinned twice"
+    for kw, rest in final_stage(image):
+        if kw == "RUN" and "apt-get install" in rest:
+            pythons = [word for word in rest.split() if re.fullmatch(r"python3(\.\d+)?", word)]
+            assert len(pythons) <= 1, f"{image}: several Pythons installed: {pythons}"
+            if pythons:
+                pins["apt", "python"] = pythons[0]
+    for key, value in env_values(image).items():
+        if re.search(r"_(REPO|COMMIT_HASH|PACKAGE)$", key) and key != "XFORMERS_PACKAGE":
+            pins["env", key] = value
+    return pins
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_every_dockerfile_pin_is_the_value_recorded_as_checked(name: str) -> None:
+    recorded = recorded_pins(name)
+    actual = dockerfile_pins(name)
+    unchecked = sorted(set(actual) - set(recorded))
+    assert not unchecked, f"{name}: pins with no check recorded in {IMAGE_PINS.name}: {unchecked}"
+    stale = sorted(set(recorded) - set(actual))
+    assert not stale, f"{name}: {IMAGE_PINS.name} records pins the Dockerfile no longer sets: {stale}"
+    for key, value in actual.items():
+        checked = recorded[key]["value"]
+        assert value == checked, (
+            f"{name}: {key[0]} {key[1]} is {value!r} but {checked!r} is what was checked against the real project; "
+            f"check the new value and record it in {IMAGE_PINS.name} and images/README.md"
+        )
+
+
+def test_every_recorded_pin_says_what_it_was_checked_against() -> None:
+    data = json.loads(IMAGE_PINS.read_text(encoding="utf-8"))
+    assert set(data["status_meanings"]) == PIN_STATUSES
+    for pin in data["pins"]:
+        where = f"{pin['image']} {pin['kind']} {pin['name']}"
+        assert pin["image"] in NAMES, where
+        assert pin["status"] in PIN_STATUSES, where
+        assert pin["checked"].strip(), where
+        if pin["status"] != "agrees":
+            assert pin.get("reason", "").strip(), f"{where}: {pin['status']} needs a reason"
+        assert pin["sources"], f"{where}: no source"
+        for source in pin["sources"]:
+            assert source.get("what", "").strip(), where
+            if "registry" in source:
+                assert source["package"] and source["version"], where
+            elif "repository" in source:
+                assert "/" in source["repository"], where
+                # a file is named with its commit (or the stored copy read); an issue or a bare repository is enough
+                named = "issue" in source or source.get("commit") or source.get("stored_copy")
+                assert "path" not in source or named, where
+            else:
+                assert source.get("unavailable"), f"{where}: a source names a repository, a registry or why neither"
+    for repo in data["webui_launch_defaults"]["repositories"]:
+        assert SHA1.fullmatch(repo["commit"]), repo
+
+
+def test_recorded_pins_agree_with_each_other() -> None:
+    for name in ("webui", "trainer"):
+        pins = recorded_pins(name)
+        torch = pins["arg", "TORCH_VERSION"]["value"].split("+")[0]
+        for package in ("TORCHVISION_VERSION", "XFORMERS_VERSION"):
+            assert pins["arg", package]["requires"]["torch"] == torch, f"{name}: {package} checked for another torch"
+        assert XFORMERS_TORCH[pins["arg", "XFORMERS_VERSION"]["value"]] == torch
+    trainer = recorded_pins("trainer")
+    requirements = trainer["arg", "SD_SCRIPTS_COMMIT"]["requirements"]
+    assert trainer["arg", "ACCELERATE_VERSION"]["value"] == requirements["accelerate"], "sd-scripts pins accelerate"
+    webui = recorded_pins("webui")
+    assert webui["arg", "WEBUI_VERSION"]["resolves_to"] == "82a973c04367123ae98bd9abdf80d9eda9b910e2"
+    assert webui["env", "STABLE_DIFFUSION_REPO"]["status"] == "differs"  # the upstream default is gone (see reason)
+
+
+def test_images_readme_lists_every_checked_pin() -> None:
+    readme = (IMAGES / "README.md").read_text(encoding="utf-8")
+    _, _, section = readme.partition("## Pins checked against the real projects")
+    section = section.split("\n## ", 1)[0]
+    assert section, "images/README.md has no 'Pins checked against the real projects' section"
+    data = json.loads(IMAGE_PINS.read_text(encoding="utf-8"))
+    for pin in data["pins"]:
+        assert pin["value"] in section, f"images/README.md does not mention the checked {pin['name']} {pin['value']}"
