@@ -450,20 +450,27 @@ def test_controlnet_routes_and_unit_validation(server: Server, models: Models) -
     cn_name = f"control_v11p_sd15_canny [{legacy_hash(models.cn_dir / 'control_v11p_sd15_canny.pth')}]"
     assert server.get("/controlnet/model_list").json() == {"model_list": [cn_name]}
     modules = server.get("/controlnet/module_list").json()["module_list"]
-    assert {"none", "canny", "openpose", "depth_midas", "lineart_realistic", "tile_resample"} <= set(modules)
+    assert {"none", "canny", "openpose", "depth", "lineart", "tile_resample"} <= set(modules)  # internal names
+    labels = server.get("/controlnet/module_list?alias_names=true").json()["module_list"]
+    assert {"none", "canny", "openpose", "depth_midas", "lineart_realistic", "tile_resample"} <= set(labels)
     types = server.get("/controlnet/control_types").json()["control_types"]
     assert types["Canny"]["model_list"] == ["None", cn_name]
     assert server.get("/controlnet/version").json()["version"] >= 1
-    unit = {"module": "canny", "model": "control_v11p_sd15_canny", "weight": 0.8, "image": png_bytes()}
+    unit = {"enabled": True, "module": "canny", "model": "control_v11p_sd15_canny", "weight": 0.8, "image": png_bytes()}
     (image,), info = server.txt2img(steps=2, alwayson_scripts={"controlnet": {"args": [unit]}})
-    assert info["controlnet_units"][0]["model"] == cn_name and "image" not in info["controlnet_units"][0]
-    assert f'ControlNet 0: "Module: canny, Model: {cn_name}, Weight: 0.8' in image.text["parameters"]
-    unknown = {"alwayson_scripts": {"controlnet": {"args": [{**unit, "model": "control_sdxl_depth"}]}}}
-    assert "control_sdxl_depth" in assert_a1111_error(server.post("/sdapi/v1/txt2img", unknown), 422)["detail"]
+    assert (
+        info["controlnet_units"][0]["model"] == "control_v11p_sd15_canny" and "image" not in info["controlnet_units"][0]
+    )
+    assert 'ControlNet 0: "Module: canny, Model: control_v11p_sd15_canny, Weight: 0.8' in image.text["parameters"]
+    # As the extension: a model it cannot find is logged and the image is generated without ControlNet.
+    (image,), info = server.txt2img(
+        steps=2, alwayson_scripts={"controlnet": {"args": [{**unit, "model": "control_sdxl_depth"}]}}
+    )
+    assert info["controlnet_units"] == [] and "ControlNet 0" not in image.text["parameters"]
     script = assert_a1111_error(
         server.post("/sdapi/v1/txt2img", {"alwayson_scripts": {"adetailer": {"args": []}}}), 422
     )
-    assert script["detail"] == "always on script adetailer not found"
+    assert script["detail"] == "Script 'adetailer' not found"
 
 
 def test_discovery_routes(server: Server) -> None:

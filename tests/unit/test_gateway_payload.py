@@ -245,6 +245,7 @@ def test_unit_per_type_gets_recommended_module_model_weight_and_cfg(
         "guidance_end": 1.0,
         "control_mode": "Balanced",
         "pixel_perfect": True,
+        "save_detected_map": False,
     }
     assert body["cfg_scale"] == cfg  # types without advice keep the default 7
 
@@ -261,24 +262,27 @@ def test_recommended_table_is_complete_and_consistent() -> None:
 
 def test_explicit_unit_values_win_over_recommendations() -> None:
     spec = {
-        "type": "canny",
+        "type": "depth",
         "image": IMG,
         "weight": 0.4,
-        "module": "none",
-        "model": "my_canny",
+        "module": "depth_leres",
+        "model": "my_depth",
         "guidance_start": 0.1,
         "guidance_end": 0.6,
         "control_mode": "ControlNet is more important",
+        "resize_mode": "Resize and Fill",
         "pixel_perfect": False,
         "processor_res": 768,
         "threshold_a": 50,
-        "threshold_b": 150,
+        "threshold_b": 15,
+        "save_detected_map": True,
     }
-    [unit] = units(payload(controlnet=spec, models={"canny": "instance_canny"}))
-    assert (unit["weight"], unit["module"], unit["model"]) == (0.4, "none", "my_canny")
+    [unit] = units(payload(controlnet=spec, models={"depth": "instance_depth"}))
+    assert (unit["weight"], unit["module"], unit["model"]) == (0.4, "depth_leres", "my_depth")
     assert (unit["guidance_start"], unit["guidance_end"], unit["pixel_perfect"]) == (0.1, 0.6, False)
-    assert unit["control_mode"] == "ControlNet is more important"
-    assert (unit["processor_res"], unit["threshold_a"], unit["threshold_b"]) == (768, 50, 150)
+    assert (unit["control_mode"], unit["resize_mode"]) == ("ControlNet is more important", "Resize and Fill")
+    assert (unit["processor_res"], unit["threshold_a"], unit["threshold_b"]) == (768, 50, 15)
+    assert unit["save_detected_map"] is True
 
 
 def test_instance_controlnet_models_replace_the_default_names() -> None:

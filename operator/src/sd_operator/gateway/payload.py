@@ -14,7 +14,12 @@ from typing import Annotated, Any, Literal, TypeGuard, TypeVar
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 from pydantic_core import PydanticCustomError
 
-from sd_operator.api.generation import ControlNetType
+from sd_operator.api.generation import (
+    CONTROLNET_UNIT_SLOTS,
+    ControlNetModule,
+    ControlNetType,
+    find_preprocessor,
+)
 from sd_operator.gateway.presets import CfgScale, Dimension, Preset, Steps, bounded
 
 DEFAULT_WIDTH = 512
@@ -80,21 +85,29 @@ class LoraSpec(_Body):
 
 
 class ControlNetSpec(_Body):
-    """One ControlNet unit; unset values come from RECOMMENDED for the type."""
+    """One ControlNet unit; unset values come from RECOMMENDED for the type.
+
+    The sd-webui-controlnet extension does not refuse a bad unit: it logs the error and generates without any
+    ControlNet, or quietly replaces an out-of-range parameter by the module's default. So what it would drop or
+    replace is refused here, with the rule, before a GPU spends time on it.
+    """
 
     type: ControlNetType
     image: str = Field(min_length=1, description="Control image, base64 (a data: URL prefix is fine).")
     model: str | None = None
-    module: str | None = None
+    module: ControlNetModule | None = None
     weight: Annotated[float, bounded(0, 2)] | None = None
     guidance_start: Fraction = 0.0
     guidance_end: Fraction = 1.0
     control_mode: Literal["Balanced", "My prompt is more important", "ControlNet is more important"] = "Balanced"
     resize_mode: Literal["Just Resize", "Crop and Resize", "Resize and Fill"] = "Crop and Resize"
-    pixel_perfect: bool = True
+    # Unset: on, unless processor_res is given (with pixel perfect the extension computes the resolution itself).
+    pixel_perfect: bool | None = None
     processor_res: Annotated[int, bounded(-1, 2048)] | None = None
     threshold_a: float | None = None
     threshold_b: float | None = None
+    # The extension appends each unit's detected map to the answer's images unless told not to.
+    save_detected_map: bool = False
 
     @model_validator(mode="after")
     def _guidance_order(self) -> ControlNetSpec:
@@ -105,6 +118,51 @@ class ControlNetSpec(_Body):
                 {"start": self.guidance_start, "end": self.guidance_end},
             )
         return self
+
+    @model_validator(mode="after")
+    def _module_parameters(self) -> ControlNetSpec:
+        if self.pixel_perfect and self.processor_res not in (None, -1):
+            raise PydanticCustomError(
+                "pixel_perfect_resolution",
+                "processor_res ({res}) is not used with pixel_perfect: the extension computes the resolution; "
+                "set pixel_perfect to false or leave processor_res out",
+                {"res": self.processor_res},
+            )
+        module = self.effective_module()
+        preprocessor = find_preprocessor(module)
+        assert preprocessor is not None  # the module field and RECOMMENDED only hold known modules
+        for key, slider in preprocessor.sliders.items():
+            value = getattr(self, key)
+            if value is None or value == -1:  # -1: the module's default, as the extension reads it
+                continue
+            if not slider.visible:
+                raise PydanticCustomError(
+                    "module_parameter",
+                    "module {module} does not use {key}; leave it out",
+                    {"module": module, "key": key},
+                )
+            if not slider.minimum <= value <= slider.maximum:
+                raise PydanticCustomError(
+                    "module_parameter",
+                    "{key} for module {module} ({label}) must be from {low} to {high} (got {value}); "
+                    "the extension would use {default} instead",
+                    {
+                        "key": key,
+                        "module": module,
+                        "label": slider.label,
+                        "low": format_weight(slider.minimum),
+                        "high": format_weight(slider.maximum),
+                        "value": value,
+                        "default": format_weight(slider.value),
+                    },
+                )
+        return self
+
+    def effective_module(self) -> str:
+        return self.module or RECOMMENDED[self.type].module
+
+    def effective_pixel_perfect(self) -> bool:
+        return self.pixel_perfect if self.pixel_perfect is not None else self.processor_res in (None, -1)
 
 
 class GenerateRequest(_Body):
@@ -127,7 +185,7 @@ class GenerateRequest(_Body):
     lora_weight: LoraWeight = DEFAULT_LORA_WEIGHT
     loras: list[LoraSpec] = Field(default_factory=list, max_length=20)
     controlnet: ControlNetSpec | None = None
-    controlnets: list[ControlNetSpec] = Field(default_factory=list, max_length=8)
+    controlnets: list[ControlNetSpec] = Field(default_factory=list, max_length=CONTROLNET_UNIT_SLOTS)
     enable_hr: bool = False
     hr_scale: Annotated[float, bounded(1, 4)] | None = None
     hr_upscaler: str | None = None
@@ -140,8 +198,13 @@ class GenerateRequest(_Body):
         overrides = self.extra.get("override_settings")
         if isinstance(overrides, Mapping) and "sd_model_checkpoint" in overrides:
             raise PydanticCustomError("checkpoint_override", "extra must not set sd_model_checkpoint; use model")
-        if len(self.control_units()) > 8:
-            raise PydanticCustomError("too_many_units", "at most 8 ControlNet units (controlnet plus controlnets)")
+        if len(self.control_units()) > CONTROLNET_UNIT_SLOTS:
+            raise PydanticCustomError(
+                "too_many_units",
+                "at most {slots} ControlNet units (controlnet plus controlnets): the WebUI has {slots} unit slots "
+                "and would drop the rest",
+                {"slots": CONTROLNET_UNIT_SLOTS},
+            )
         return self
 
     def lora_uses(self) -> list[LoraSpec]:
@@ -199,16 +262,17 @@ def recommended_cfg(types: Sequence[ControlNetType | str]) -> float | None:
 def _unit(spec: ControlNetSpec, models: Mapping[str, str]) -> dict[str, Any]:
     advice = RECOMMENDED[spec.type]
     unit: dict[str, Any] = {
-        "enabled": True,
+        "enabled": True,  # the extension's default is false: a unit without it is skipped
         "image": spec.image,
-        "module": spec.module or advice.module,
+        "module": spec.effective_module(),
         "model": spec.model or models.get(spec.type) or advice.model,
         "weight": _pick(advice.weight, spec.weight),
         "resize_mode": spec.resize_mode,
         "guidance_start": spec.guidance_start,
         "guidance_end": spec.guidance_end,
         "control_mode": spec.control_mode,
-        "pixel_perfect": spec.pixel_perfect,
+        "pixel_perfect": spec.effective_pixel_perfect(),
+        "save_detected_map": spec.save_detected_map,
     }
     # Unset, the extension's own defaults (-1: per-module) apply.
     for key in ("processor_res", "threshold_a", "threshold_b"):
