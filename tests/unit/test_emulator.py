@@ -196,7 +196,8 @@ def test_send_images_false_and_parameters_echo(server: Server) -> None:
     r = server.post("/sdapi/v1/txt2img", {"prompt": "x", "steps": 3, "send_images": False, "custom_field": 1})
     data = r.json()
     assert data["images"] == []
-    assert data["parameters"]["prompt"] == "x" and data["parameters"]["custom_field"] == 1
+    assert data["parameters"]["prompt"] == "x"
+    assert "custom_field" not in data["parameters"]  # unknown keys are ignored (pydantic v1's Extra.ignore)
     assert data["parameters"]["cfg_scale"] == 7.0  # defaults filled in, as A1111 echoes its model
 
 
@@ -220,11 +221,16 @@ def test_img2img_needs_init_images(server: Server) -> None:
     assert info["denoising_strength"] == 0.75 and "Denoising strength: 0.75" in info["infotexts"][0]
 
 
-def test_validation_errors_use_a1111_error_json(server: Server) -> None:
-    bad_type = assert_a1111_error(server.post("/sdapi/v1/txt2img", {"steps": "many"}), 422)
-    assert bad_type["detail"][0]["loc"] == ["steps"]
+def test_validation_errors_use_fastapis_422_and_handler_errors_a1111_error_json(server: Server) -> None:
+    bad_type = server.post("/sdapi/v1/txt2img", {"steps": "many"})
+    assert bad_type.status_code == 422  # FastAPI's own answer, as the WebUI's (tests/fixtures/real/webui/api.json)
+    assert bad_type.json() == {
+        "detail": [{"loc": ["body", "steps"], "msg": "value is not a valid integer", "type": "type_error.integer"}]
+    }
     r = requests.post(server.url + "/sdapi/v1/txt2img", data="{not json", timeout=10)
-    assert_a1111_error(r, 422)
+    assert r.status_code == 422
+    (err,) = r.json()["detail"]
+    assert err["loc"] == ["body", 1] and err["type"] == "value_error.jsondecode"
     script = assert_a1111_error(server.post("/sdapi/v1/txt2img", {"script_name": "x/y/z plot"}), 422)
     assert script["detail"] == "Script 'x/y/z plot' not found"
     assert_a1111_error(server.get("/sdapi/v1/nothing-here"), 404)
@@ -532,14 +538,17 @@ def test_ready_is_503_while_the_model_loads(models: Models) -> None:
 # Command line and the real process
 
 
-def test_add_parser_accepts_unknown_webui_flags() -> None:
+def test_add_parser_takes_webui_flags_and_refuses_unknown_ones(capsys: pytest.CaptureFixture[str]) -> None:
     parser = argparse.ArgumentParser(prog="sd-operator")
     sub = parser.add_subparsers(dest="command", required=True)
     cli.add_parser(sub)
-    args = parser.parse_args(["emulator", "--api", "--xformers", "--ckpt", "m.safetensors", "--future-flag", "1"])
+    args = parser.parse_args(["emulator", "--api", "--xformers", "--ckpt", "m.safetensors", "--opt-channelslast"])
     assert args.func is cli.command and args.api and str(args.ckpt) == "m.safetensors"
-    assert args.webui_unknown_args == ["--future-flag", "1"]
     assert "emulator" in sub.choices and "AUTOMATIC1111" in (sub.choices["emulator"].description or "")
+    with pytest.raises(SystemExit) as exited:
+        parser.parse_args(["emulator", "--api", "--ckpt", "m.safetensors", "--future-flag", "1"])
+    assert exited.value.code == 2
+    assert "sd-operator emulator: error: unrecognized arguments: --future-flag 1" in capsys.readouterr().err
 
 
 def test_missing_checkpoint_exits_non_zero_with_a_clear_message(tmp_path: Path) -> None:
@@ -585,7 +594,7 @@ def start_process(argv: list[str], log: Path) -> tuple[subprocess.Popen[str], st
 
 def test_the_real_process_accepts_the_operators_webui_command_line(models: Models, tmp_path: Path) -> None:
     doc = yaml.safe_load((ROOT / "examples/sdinstance-sdxl-base.yaml").read_text())
-    doc["spec"].setdefault("webui", {})["extraArgs"] = ["--api-log", "--some-future-flag"]
+    doc["spec"].setdefault("webui", {})["extraArgs"] = ["--api-log", "--opt-channelslast"]
     args = webui_args(SDInstanceSpec.model_validate(doc["spec"]))
     # The pod's mounts, here in a temporary folder: /models/... and /etc/sd-operator/... .
     mounts = {"/models": models.root, "/etc/sd-operator": tmp_path / "etc"}
@@ -620,7 +629,7 @@ def test_the_real_process_accepts_the_operators_webui_command_line(models: Model
             proc.kill()
             proc.wait()
     log = (tmp_path / "emulator.log").read_text()
-    assert "AUTOMATIC1111 API emulator" in log and "--some-future-flag" in log
+    assert "AUTOMATIC1111 API emulator" in log
     assert "POST /sdapi/v1/txt2img" in log  # --api-log
 
 
@@ -634,3 +643,43 @@ def test_the_real_process_honours_load_seconds(models: Models, tmp_path: Path) -
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+
+
+# ---------------------------------------------------------------------------------------------
+# As the real WebUI v1.10.1 (tests/fixtures/real/webui): its flags only, its field names, its 422s
+
+
+def test_the_real_process_exits_like_the_webui_on_a_flag_the_webui_does_not_have(models: Models) -> None:
+    cmd = [sys.executable, "-m", "sd_operator.emulator.cli", *models.argv(*FAST), "--some-future-flag", "--xformers"]
+    done = subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2 and done.stdout == ""
+    assert done.stderr.startswith("usage: sd-operator emulator ")
+    assert done.stderr.rstrip().endswith("sd-operator emulator: error: unrecognized arguments: --some-future-flag")
+    # As the WebUI: IGNORE_CMD_ARGS_ERRORS makes it parse_known_args (unknown flags ignored); then only the
+    # checkpoint check fails here, after parsing.
+    env = {**os.environ, "IGNORE_CMD_ARGS_ERRORS": "1"}
+    cmd = [sys.executable, "-m", "sd_operator.emulator.cli", "--ckpt", str(models.root / "nope"), "--some-future-flag"]
+    done = subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=60, env=env)
+    assert "unrecognized" not in done.stderr and "checkpoint not found" in done.stderr
+
+
+def test_webui_flags_the_emulator_does_not_act_on_are_accepted_and_shown_in_cmd_flags(models: Models) -> None:
+    argv = models.argv(*FAST, "--medvram-sdxl", "--use-cpu", "interrogate", "gfpgan", "--styles-file", "a.csv")
+    with Server([*argv, "--precision", "half", "--controlnet-loglevel", "DEBUG", "--skip-load-model-at-start"]) as s:
+        flags = s.get("/sdapi/v1/cmd-flags").json()
+    assert flags["medvram_sdxl"] is True and flags["use_cpu"] == ["interrogate", "gfpgan"]
+    assert flags["styles_file"] == ["a.csv"] and flags["precision"] == "half"
+    assert flags["controlnet_loglevel"] == "DEBUG" and flags["timeout_keep_alive"] == 30  # the WebUI's default
+
+
+def test_request_bodies_as_the_webui_reads_them(server: Server) -> None:
+    body = {"prompt": "x", "steps": 2, "seed": None, "sampler_name": None, "no_such_field": 1, "eta": 0.5}
+    r = server.post("/sdapi/v1/txt2img", body)
+    assert r.status_code == 200, r.text
+    params = r.json()["parameters"]
+    assert "no_such_field" not in params and params["eta"] == 0.5 and params["seed"] == -1
+    refused = server.post("/sdapi/v1/txt2img", {"send_images": None})
+    assert refused.status_code == 422
+    assert refused.json()["detail"] == [
+        {"loc": ["body", "send_images"], "msg": "none is not an allowed value", "type": "type_error.none.not_allowed"}
+    ]

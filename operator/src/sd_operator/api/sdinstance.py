@@ -24,8 +24,28 @@ from sd_operator.api.models import ModelFamily, ModelFile
 DEFAULT_WEBUI_IMAGE = "ghcr.io/sd-operator/webui:0.1.0"
 DEFAULT_PORT = 7861
 
-# Flags the operator owns: letting extraArgs set them would break the one-model guarantee or the probes.
-RESERVED_FLAGS = ("--ckpt", "--ckpt-dir", "--port", "--api-auth", "--nowebui", "--ui-settings-file")
+# Flags the operator owns, or that would break what it renders: letting extraArgs set them would break the
+# one-model guarantee, the probes or the start. --data-dir moves the WebUI's extensions folder, and
+# --disable-extra-extensions/--disable-all-extensions leave it out: the sd-operator probe extension and the
+# ControlNet extension would not load, and without ControlNet's preload.py the WebUI exits on the
+# --controlnet-dir the operator passes (argparse: unrecognized arguments). A1111's parser takes any unique
+# prefix of a flag (argparse allow_abbrev), so each is given with its shortest such abbreviation, refused
+# too (tests/unit/test_real_webui.py checks them against the flags recorded from the WebUI v1.10.1).
+RESERVED_FLAGS: dict[str, str] = {
+    "--ckpt": "--ckpt",
+    "--ckpt-dir": "--ckpt-",
+    "--port": "--po",
+    "--api-auth": "--api-a",
+    "--nowebui": "--now",
+    "--ui-settings-file": "--ui-s",
+    "--data-dir": "--data",
+    "--disable-extra-extensions": "--disable-e",
+    "--disable-all-extensions": "--disable-a",
+}
+# Every spelling argparse resolves to a reserved flag: the flag and its unique abbreviations.
+RESERVED_SPELLINGS = tuple(
+    flag[:n] for flag, shortest in RESERVED_FLAGS.items() for n in range(len(shortest), len(flag) + 1)
+)
 
 
 class Attention(StrEnum):
@@ -70,11 +90,13 @@ class WebUI(ApiModel):
     model_config = ConfigDict(
         json_schema_extra=validations(
             rule(
-                "!has(self.extraArgs) || !self.extraArgs.exists(a, "
-                + " || ".join(f"a == '{f}' || a.startsWith('{f}=')" for f in RESERVED_FLAGS)
-                + ")",
-                "extraArgs: " + ", ".join(RESERVED_FLAGS) + " are set by the operator (the model is fixed by "
-                "spec.model; the port by webui.port; authentication by webui.apiAuthSecret)",
+                "!has(self.extraArgs) || !self.extraArgs.exists(a, ["
+                + ", ".join(f"'{s}'" for s in RESERVED_SPELLINGS)
+                + "].exists(p, a == p || a.startsWith(p + '=')))",
+                "extraArgs: " + ", ".join(RESERVED_FLAGS) + " (or an abbreviation of one) are set by the operator "
+                "or would break the instance (the model is fixed by spec.model; the port by webui.port; "
+                "authentication by webui.apiAuthSecret; the others would leave out the probe and ControlNet "
+                "extensions)",
                 ".extraArgs",
             ),
         )
@@ -101,7 +123,12 @@ class WebUI(ApiModel):
         alias="noHalfVAE",
         description="Run the VAE in full precision (--no-half-vae). Default: on for SDXL (black images otherwise).",
     )
-    extra_args: list[str] | None = Field(None, description="Extra WebUI flags, appended last.", max_length=100)
+    extra_args: list[str] | None = Field(
+        None,
+        description="Extra WebUI flags, appended last; each must be a flag of the WebUI image's AUTOMATIC1111 "
+        "(v1.10.1) or of its extensions, or the WebUI exits at start.",
+        max_length=100,
+    )
     api_auth_secret: SecretKeyRef | None = Field(
         None, description="Secret key holding user:password[,user2:password2] for --api-auth."
     )

@@ -1,7 +1,12 @@
 """`sd-operator emulator`: an AUTOMATIC1111 WebUI API emulator for tests, local runs and benchmarks.
 
 Takes the WebUI command line the operator renders (`--api --nowebui --listen --port N --ckpt PATH
-...`), so a pod can run it in place of the real WebUI; flags it does not know are logged and ignored.
+...`), so a pod can run it in place of the real WebUI. It accepts exactly the flags AUTOMATIC1111 v1.10.1
+accepts (webui_flags.json: modules/cmd_args.py, the built-in extensions' and the pinned ControlNet
+extension's preload.py, recorded from their source) and refuses any other as the WebUI does: argparse's
+`error: unrecognized arguments: ...` and exit status 2 (unless IGNORE_CMD_ARGS_ERRORS is set, as in the
+WebUI). The ControlNet extension's flags exist only while the extension loads (not with
+--disable-extra-extensions, --disable-all-extensions, or when the --ui-settings-file disables it).
 Emulator-only flags: --host, --gpu-profile, --speed, --load-seconds, --family, --print-port.
 """
 
@@ -9,11 +14,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
+import json
 import logging
 import os
 import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -24,76 +32,91 @@ from sd_operator.emulator.profiles import DEFAULT_PROFILE, PROFILES, Family
 log = logging.getLogger("sd_operator.emulator")
 DEFAULT_PORT = 7861  # A1111's port with --nowebui
 SHUTDOWN_SECONDS = 90.0  # on SIGTERM, let the generation in progress finish (the pod allows 120 s)
-# WebUI flags accepted and ignored: they tune a real GPU, the bootstrap or the UI.
-IGNORED_SWITCHES = (
-    "--no-download-sd-model",
-    "--skip-prepare-environment",
-    "--skip-install",
-    "--skip-version-check",
-    "--skip-python-version-check",
-    "--skip-torch-cuda-test",
-    "--xformers",
-    "--opt-sdp-attention",
-    "--opt-sdp-no-mem-attention",
-    "--opt-split-attention",
-    "--opt-sub-quad-attention",
-    "--medvram",
-    "--lowvram",
-    "--lowram",
-    "--medvram-sdxl",
-    "--no-half",
-    "--no-half-vae",
-    "--upcast-sampling",
-    "--disable-safe-unpickle",
-    "--reinstall-xformers",
-    "--reinstall-torch",
-    "--no-gradio-queue",
-    "--disable-all-extensions",
-    "--disable-extra-extensions",
-    "--enable-insecure-extension-access",
-    "--log-startup",
-    "--api-server-stop",
-    "--skip-load-model-at-start",
-    "--ui-debug-mode",
-    "--no-half-controlnet",
-    "-f",
-)
-IGNORED_VALUES = (
-    "--subpath",
-    "--tls-keyfile",
-    "--tls-certfile",
-    "--cors-allow-origins",
-    "--cors-allow-origins-regex",
-    "--timeout-keep-alive",
-    "--ckpt-dir",
-    "--vae-dir",
-    "--hypernetwork-dir",
-    "--data-dir",
-    "--models-dir",
-    "--precision",
-    "--device-id",
-    "--controlnet-annotator-models-path",
-    "--controlnet-preprocessor-cache-size",
-    "--controlnet-loglevel",
-)
+FLAGS_FILE = "webui_flags.json"  # a copy of tests/fixtures/real/webui/flags.json (a unit test keeps them equal)
+WEBUI_ORIGIN = "webui"  # modules/cmd_args.py; the rest come from extensions' preload.py
+CONTROLNET_ORIGIN = "extension:sd-webui-controlnet"
+CONTROLNET_FOLDER = "sd-webui-controlnet"  # extensions/<folder> in images/webui/Dockerfile
+_TYPES: dict[str, Callable[[str], Any]] = {"int": int, "json.loads": json.loads, "str.lower": str.lower}
+# WebUI flags the emulator acts on (the rest of the WebUI's flags are accepted and ignored: they tune a real
+# GPU, the bootstrap or the UI). Each is one of the WebUI's, with the WebUI's arity.
+HONOURED: dict[str, dict[str, Any]] = {
+    **{
+        flag: {"action": "store_true"}
+        for flag in ("--api", "--nowebui", "--listen", "--freeze-settings", "--api-log", "--no-hashing")
+    },
+    "--port": {"type": int, "default": DEFAULT_PORT, "help": "0 picks a free port (see --print-port)"},
+    "--server-name": {"help": "address to bind (as A1111); --host takes precedence"},
+    "--ckpt": {"type": Path, "help": "the one checkpoint this instance serves (must exist)"},
+    "--api-auth": {"help": "user:password[,user2:password2], HTTP Basic on every API route"},
+    **{
+        flag: {"type": Path}
+        for flag in ("--lora-dir", "--embeddings-dir", "--controlnet-dir", "--vae-path", "--ui-settings-file")
+    },
+    "--loglevel": {"default": None, "help": "log level (DEBUG, INFO, ...)"},
+}
 
 
-def _arguments(p: argparse.ArgumentParser) -> None:
+@functools.cache
+def webui_flags() -> tuple[dict[str, Any], ...]:
+    """The pinned WebUI's launch flags, as recorded from its source (package data)."""
+    text = resources.files("sd_operator.emulator").joinpath(FLAGS_FILE).read_text(encoding="utf-8")
+    return tuple(json.loads(text)["flags"])
+
+
+def _flag_kwargs(flag: dict[str, Any]) -> dict[str, Any]:
+    """add_argument() keywords giving a recorded flag its arity, type, choices and (literal) default."""
+    default = flag.get("default")
+    kw: dict[str, Any] = {"default": None if isinstance(default, dict) else default}
+    arity = flag["arity"]
+    if arity == "switch":
+        kw["action"] = flag.get("action", "store_true")
+        if kw["default"] is None and kw["action"] == "store_true":
+            kw["default"] = False
+        return kw
+    if arity == "append":
+        kw["action"] = "append"
+    elif arity.startswith("nargs:"):
+        kw["nargs"] = arity.split(":", 1)[1]
+    kw["type"] = _TYPES.get(flag.get("type", "str"), str)
+    if "choices" in flag:
+        kw["choices"] = flag["choices"]
+    return kw
+
+
+def controlnet_loads(argv: Sequence[str], prog: str | None = None) -> bool:
+    """Whether the WebUI would load the ControlNet extension (and so accept its preload.py flags): as
+    modules/launch_utils.py, from a first parse of cmd_args.py's own flags and the settings file."""
+    pre = argparse.ArgumentParser(prog=prog, add_help=False)
+    for flag in webui_flags():
+        if flag["origin"] == WEBUI_ORIGIN:
+            pre.add_argument(flag["flag"], **_flag_kwargs(flag))
+    known, _ = pre.parse_known_args(list(argv))
+    if known.disable_extra_extensions or known.disable_all_extensions:
+        return False
+    settings: Any = {}
+    if known.ui_settings_file:
+        try:
+            settings = json.loads(Path(known.ui_settings_file).read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            settings = {}
+    if not isinstance(settings, dict):
+        return True
+    if settings.get("disable_all_extensions", "none") != "none":
+        return False
+    return CONTROLNET_FOLDER not in (settings.get("disabled_extensions") or [])
+
+
+def _arguments(p: argparse.ArgumentParser, *, controlnet: bool = True) -> None:
+    recorded = {f["flag"]: f for f in webui_flags()}
     w = p.add_argument_group("WebUI flags honoured")
-    for flag in ("--api", "--nowebui", "--listen", "--freeze-settings", "--api-log", "--no-hashing"):
-        w.add_argument(flag, action="store_true")
-    w.add_argument("--port", type=int, default=DEFAULT_PORT, help="0 picks a free port (see --print-port)")
-    w.add_argument("--server-name", help="address to bind (as A1111); --host takes precedence")
-    w.add_argument("--ckpt", type=Path, help="the one checkpoint this instance serves (must exist)")
-    w.add_argument("--api-auth", help="user:password[,user2:password2], HTTP Basic on every API route")
-    for flag in ("--lora-dir", "--embeddings-dir", "--controlnet-dir", "--vae-path", "--ui-settings-file"):
-        w.add_argument(flag, type=Path)
-    w.add_argument("--loglevel", default=None, help="log level (DEBUG, INFO, ...)")
+    for flag, kw in HONOURED.items():
+        if controlnet or recorded[flag]["origin"] != CONTROLNET_ORIGIN:
+            w.add_argument(flag, **kw)
     ignored = p.add_argument_group("WebUI flags accepted and ignored")
-    for flag in IGNORED_SWITCHES:
-        ignored.add_argument(flag, action="store_true", help=argparse.SUPPRESS)
-    for flag in IGNORED_VALUES:
-        ignored.add_argument(flag, help=argparse.SUPPRESS)
+    for flag, info in recorded.items():
+        if flag in HONOURED or (not controlnet and info["origin"] == CONTROLNET_ORIGIN):
+            continue
+        ignored.add_argument(flag, **_flag_kwargs(info), help=argparse.SUPPRESS)
     e = p.add_argument_group("emulator flags")
     e.add_argument("--host", help="address to bind (default 127.0.0.1, or 0.0.0.0 with --listen)")
     e.add_argument("--gpu-profile", choices=sorted(PROFILES), help=f"env SD_EMULATOR_GPU_PROFILE; {DEFAULT_PROFILE}")
@@ -103,14 +126,26 @@ def _arguments(p: argparse.ArgumentParser) -> None:
     e.add_argument("--print-port", action="store_true", help="print EMULATOR_PORT=<n> once listening")
 
 
-class _KeepUnknown(argparse.ArgumentParser):
-    """A subcommand parser that keeps unknown flags instead of letting the top-level parser reject them:
-    the operator passes the user's `webui.extraArgs` through, and the emulator must still start."""
+class WebUIArgumentParser(argparse.ArgumentParser):
+    """Parses like the WebUI's own parser (modules/shared_cmd_options.py): a flag the pinned WebUI does not
+    have ends the program with argparse's `error: unrecognized arguments: ...` and status 2, unless
+    IGNORE_CMD_ARGS_ERRORS is set (then they are logged and ignored, as the WebUI's parse_known_args)."""
+
+    controlnet = True
 
     def parse_known_args(  # type: ignore[override]
         self, args: Sequence[str] | None = None, namespace: argparse.Namespace | None = None
     ) -> tuple[argparse.Namespace, list[str]]:
-        ns, unknown = super().parse_known_args(args, namespace)
+        argv = list(sys.argv[1:] if args is None else args)
+        if self.controlnet and not controlnet_loads(argv, self.prog):
+            without = WebUIArgumentParser(prog=self.prog, description=self.description)
+            without.controlnet = False
+            _arguments(without, controlnet=False)
+            without.set_defaults(**self._defaults)
+            return without.parse_known_args(argv, namespace)
+        ns, unknown = super().parse_known_args(argv, namespace)
+        if unknown and os.environ.get("IGNORE_CMD_ARGS_ERRORS") is None:
+            self.error(f"unrecognized arguments: {' '.join(unknown)}")
         ns.webui_unknown_args = [*getattr(ns, "webui_unknown_args", []), *unknown]
         return ns, []
 
@@ -130,7 +165,8 @@ def build_config(args: argparse.Namespace) -> EmulatorConfig:
     if args.vae_path is not None and not args.vae_path.is_file():
         raise EmulatorError(f"VAE not found: {args.vae_path} (--vae-path)")
     checkpoint = Checkpoint.load(args.ckpt, hashing=not args.no_hashing)
-    flags: dict[str, Any] = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "func"}
+    skip = {"func", "webui_unknown_args"}
+    flags: dict[str, Any] = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k not in skip}
     flags["api_auth"] = "***" if args.api_auth else None  # never echo credentials
     flags.update(sd_emulator=True, emulator=f"{EMULATOR_NAME}: AUTOMATIC1111 API emulator, not a real WebUI")
     return EmulatorConfig(
@@ -141,7 +177,7 @@ def build_config(args: argparse.Namespace) -> EmulatorConfig:
         load_seconds=args.load_seconds,
         lora_dir=args.lora_dir,
         embeddings_dir=args.embeddings_dir,
-        controlnet_dir=args.controlnet_dir,
+        controlnet_dir=getattr(args, "controlnet_dir", None),  # absent when the extension would not load
         vae_path=args.vae_path,
         settings_file=args.ui_settings_file,
         freeze_settings=args.freeze_settings,
@@ -152,11 +188,10 @@ def build_config(args: argparse.Namespace) -> EmulatorConfig:
 
 
 def parse_args(argv: Sequence[str]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="sd-operator emulator", description=__doc__, allow_abbrev=False)
+    """The emulator's command line; exits 2 with argparse's message on a flag the WebUI would refuse."""
+    parser = WebUIArgumentParser(prog="sd-operator emulator", description=__doc__)
     _arguments(parser)
-    args, unknown = parser.parse_known_args(argv)
-    args.webui_unknown_args = unknown
-    return args
+    return parser.parse_args(list(argv))
 
 
 def config_from_argv(argv: Sequence[str]) -> EmulatorConfig:
@@ -205,8 +240,8 @@ def command(args: argparse.Namespace) -> int:
         print(f"{EMULATOR_NAME}: error: {e}", file=sys.stderr)
         return 2
     unknown = getattr(args, "webui_unknown_args", [])
-    if unknown:
-        log.info("ignoring WebUI flags the emulator does not know: %s", " ".join(unknown))
+    if unknown:  # only with IGNORE_CMD_ARGS_ERRORS set, as the WebUI
+        log.warning("ignoring unknown flags (IGNORE_CMD_ARGS_ERRORS is set): %s", " ".join(unknown))
     listen_all = "0.0.0.0"  # noqa: S104 - --listen means every interface, as in A1111
     host = args.host or args.server_name or (listen_all if args.listen else "127.0.0.1")
     return asyncio.run(serve(config, host, args.port, print_port=args.print_port))
@@ -217,9 +252,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "emulator",
         help="an AUTOMATIC1111 WebUI API emulator for tests and benchmarks (not a real WebUI)",
         description=__doc__,
-        allow_abbrev=False,
     )
-    p.__class__ = _KeepUnknown
+    p.__class__ = WebUIArgumentParser
     _arguments(p)
     p.set_defaults(func=command)
 

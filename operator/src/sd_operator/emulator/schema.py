@@ -1,11 +1,14 @@
-"""Request bodies of txt2img and img2img: A1111's fields and defaults (modules/api/models.py)."""
+"""Request bodies of txt2img and img2img: A1111 v1.10.1's fields and defaults (modules/api/models.py, built
+from StableDiffusionProcessingTxt2Img/Img2Img's __init__ parameters; recorded in
+tests/fixtures/real/webui/api.json), validated as the WebUI's pydantic v1 models do: unknown keys ignored,
+null taking the default where the WebUI's type allows it, and FastAPI's own 422 answer on a bad body."""
 
 from __future__ import annotations
 
 import json
-from typing import Any, TypeVar
+from typing import Any, ClassVar, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from sd_operator.emulator.engine import ApiError
 from sd_operator.emulator.images import MAX_SIDE
@@ -13,9 +16,16 @@ from sd_operator.emulator.images import MAX_SIDE
 M = TypeVar("M", bound=BaseModel)
 
 
+# The additional fields models.py declares without Optional and with a default other than None: the WebUI
+# refuses null for them ("none is not an allowed value"); every other field takes null (then its default here).
+NOT_NULLABLE = frozenset({"sampler_index", "script_args", "send_images", "save_images", "alwayson_scripts"})
+
+
 class GenerationRequest(BaseModel):
-    # Unknown fields are kept and echoed back in `parameters`, as A1111's generated models do.
-    model_config = ConfigDict(extra="allow")
+    # Unknown fields are ignored, neither refused nor echoed back in `parameters`: pydantic v1's default
+    # (Extra.ignore) in the WebUI's generated models. Numbers are taken for strings, as pydantic v1 does.
+    model_config = ConfigDict(extra="ignore", coerce_numbers_to_str=True)
+    not_nullable: ClassVar[frozenset[str]] = NOT_NULLABLE
 
     prompt: str = ""
     negative_prompt: str = ""
@@ -36,9 +46,20 @@ class GenerationRequest(BaseModel):
     height: int = Field(512, ge=64, le=MAX_SIDE)
     restore_faces: bool | None = None
     tiling: bool | None = None
+    do_not_save_samples: bool = False
+    do_not_save_grid: bool = False
+    eta: float | None = None
+    s_min_uncond: float | None = None
+    s_churn: float | None = None
+    s_tmax: float | None = None
+    s_tmin: float | None = None
+    s_noise: float | None = None
     override_settings: dict[str, Any] | None = None
     override_settings_restore_afterwards: bool = True
+    refiner_checkpoint: str | None = None
+    refiner_switch_at: float | None = None
     disable_extra_networks: bool = False
+    firstpass_image: str | None = None
     comments: dict[str, Any] | None = None
     script_name: str | None = None
     script_args: list[Any] = Field(default_factory=list)
@@ -47,6 +68,21 @@ class GenerationRequest(BaseModel):
     alwayson_scripts: dict[str, Any] = Field(default_factory=dict)
     force_task_id: str | None = None
     infotext: str | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _like_pydantic_v1(cls, data: Any) -> Any:
+        """null means the default where the WebUI's field allows None; a float for an int field is truncated."""
+        if not isinstance(data, dict):
+            return data
+        out = {}
+        for key, value in data.items():
+            field = cls.model_fields.get(key)
+            if value is None and field is not None and key not in cls.not_nullable:
+                continue
+            truncate = isinstance(value, float) and field is not None and field.annotation in (int, int | None)
+            out[key] = int(value) if truncate else value
+        return out
 
 
 class Txt2ImgRequest(GenerationRequest):
@@ -61,6 +97,7 @@ class Txt2ImgRequest(GenerationRequest):
     hr_resize_y: int = Field(0, ge=0, le=MAX_SIDE)
     hr_checkpoint_name: str | None = None
     hr_sampler_name: str | None = None
+    hr_scheduler: str | None = None
     hr_prompt: str = ""
     hr_negative_prompt: str = ""
 
@@ -79,24 +116,91 @@ class Txt2ImgRequest(GenerationRequest):
 
 
 class Img2ImgRequest(GenerationRequest):
+    not_nullable: ClassVar[frozenset[str]] = NOT_NULLABLE | {"denoising_strength", "include_init_images"}
+
     init_images: list[str] | None = None
     mask: str | None = None
     denoising_strength: float = Field(0.75, ge=0, le=1)
     resize_mode: int = 0
     image_cfg_scale: float | None = None
+    mask_blur_x: int = 4
+    mask_blur_y: int = 4
     mask_blur: int | None = None
+    mask_round: bool = True
     inpainting_fill: int = 0
     inpaint_full_res: bool = True
     inpaint_full_res_padding: int = 0
     inpainting_mask_invert: int = 0
     initial_noise_multiplier: float | None = None
+    latent_mask: str | None = None
     include_init_images: bool = False
 
 
+# pydantic v2 error types -> pydantic v1's (type, message) as the WebUI's FastAPI 0.94 answers them.
+_V1_ERRORS = {
+    **dict.fromkeys(
+        ("int_parsing", "int_type", "int_from_float"), ("type_error.integer", "value is not a valid integer")
+    ),
+    **dict.fromkeys(("float_parsing", "float_type"), ("type_error.float", "value is not a valid float")),
+    **dict.fromkeys(("bool_parsing", "bool_type"), ("type_error.bool", "value could not be parsed to a boolean")),
+    "string_type": ("type_error.str", "str type expected"),
+    "list_type": ("type_error.list", "value is not a valid list"),
+    **dict.fromkeys(
+        ("dict_type", "model_type", "model_attributes_type"), ("type_error.dict", "value is not a valid dict")
+    ),
+    "missing": ("value_error.missing", "field required"),
+}
+_V1_LIMITS = {
+    "greater_than_equal": ("ge", "value_error.number.not_ge", "ensure this value is greater than or equal to {}"),
+    "greater_than": ("gt", "value_error.number.not_gt", "ensure this value is greater than {}"),
+    "less_than_equal": ("le", "value_error.number.not_le", "ensure this value is less than or equal to {}"),
+    "less_than": ("lt", "value_error.number.not_lt", "ensure this value is less than {}"),
+}
+
+
+class RequestValidationError(ApiError):
+    """FastAPI's own 422 answer to a body that does not validate: `{"detail": [{loc, msg, type}, ...]}`, not
+    the WebUI's {error, detail, body, errors} (FastAPI's handler for RequestValidationError comes first)."""
+
+    def __init__(self, errors: list[dict[str, Any]], body: str) -> None:
+        super().__init__(422, "RequestValidationError", errors, body=body, errors=json.dumps(errors))
+
+    def payload(self) -> dict[str, Any]:
+        return {"detail": self.detail}
+
+
+def v1_errors(e: ValidationError) -> list[dict[str, Any]]:
+    """A pydantic v2 ValidationError as pydantic v1 reports it, each `loc` under "body" as FastAPI puts it."""
+    out: list[dict[str, Any]] = []
+    for err in e.errors(include_url=False):
+        loc = ["body", *err["loc"]]
+        kind = err["type"]
+        if err.get("input", ...) is None and kind != "missing":
+            out.append({"loc": loc, "msg": "none is not an allowed value", "type": "type_error.none.not_allowed"})
+        elif kind in _V1_ERRORS:
+            out.append({"loc": loc, "type": _V1_ERRORS[kind][0], "msg": _V1_ERRORS[kind][1]})
+        elif kind in _V1_LIMITS:
+            key, v1_type, template = _V1_LIMITS[kind]
+            limit = (err.get("ctx") or {}).get(key)
+            out.append({"loc": loc, "msg": template.format(limit), "type": v1_type, "ctx": {"limit_value": limit}})
+        else:
+            out.append({"loc": loc, "msg": err["msg"], "type": "value_error"})
+    return out
+
+
 def parse(model: type[M], text: str) -> M:
-    """The body as `model`; 422 with A1111's error shape when it is not JSON or does not validate."""
+    """The body as `model`; a 422 as the WebUI's FastAPI gives it when the body is empty, not JSON, or does
+    not validate (unknown keys are not an error: they are ignored)."""
+    if not text:
+        raise RequestValidationError([{"loc": ["body"], "msg": "field required", "type": "value_error.missing"}], text)
     try:
-        return model.model_validate_json(text or "{}")
+        data = json.loads(text)
+    except json.JSONDecodeError as e:
+        ctx = {"msg": e.msg, "doc": e.doc[:2000], "pos": e.pos, "lineno": e.lineno, "colno": e.colno}
+        raise RequestValidationError(
+            [{"loc": ["body", e.pos], "msg": str(e), "type": "value_error.jsondecode", "ctx": ctx}], text[:2000]
+        ) from e
+    try:
+        return model.model_validate(data)
     except ValidationError as e:
-        detail = json.loads(e.json(include_url=False))
-        raise ApiError(422, "RequestValidationError", detail, body=text[:2000], errors=str(e)) from e
+        raise RequestValidationError(v1_errors(e), text[:2000]) from e

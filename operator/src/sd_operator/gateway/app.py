@@ -51,9 +51,10 @@ STATE: web.AppKey[State] = web.AppKey("state", object)  # type: ignore[arg-type]
 
 
 def error(status: int, message: str, kind: str, **extra: Any) -> web.Response:
-    """Errors in the WebUI's shape ({error, detail, body, errors}) so clients need no new parsing."""
+    """Errors in the WebUI's shape ({error, detail, body, errors}) so clients need no new parsing; `body` is a
+    string as in the WebUI's (vars(e).get('body', ''))."""
     m.child(m.errors, kind).inc()
-    body = {"error": kind, "detail": message, "body": None, "errors": message, **extra}
+    body = {"error": kind, "detail": message, "body": "", "errors": message, **extra}
     headers = {"Retry-After": str(round(extra["retry_after"]))} if "retry_after" in extra else None
     return web.json_response(body, status=status, headers=headers)
 
@@ -493,14 +494,17 @@ async def progress(request: web.Request) -> web.Response:
         {
             "progress": 0.0,
             "eta_relative": 0.0,
+            # The keys of the WebUI's shared.state.dict() (modules/shared_state.py), all of them.
             "state": {
+                "skipped": False,
+                "interrupted": False,
+                "stopping_generation": False,
                 "job": "",
                 "job_count": running + queued,
+                "job_timestamp": "0",
                 "job_no": 0,
                 "sampling_step": 0,
                 "sampling_steps": 0,
-                "interrupted": False,
-                "skipped": False,
             },
             "current_image": None,
             "textinfo": f"sd-operator gateway: {running} running, {queued} queued",
