@@ -74,10 +74,17 @@ class BaseModelSpec(ApiModel):
     model_config = ConfigDict(
         json_schema_extra=validations(
             exactly_one("checkpoint", "fromInstance", what="baseModel"),
+            rule(
+                "self.family != 'sd3'",
+                "baseModel.family: LoRA training supports sd15, sd2 and sdxl; sd3 is not supported yet",
+                ".family",
+            ),
         )
     )
 
-    family: ModelFamily = Field(description="Model family: sd15, sd2, sdxl (sdxl uses sdxl_train_network.py).")
+    family: ModelFamily = Field(
+        description="Model family: sd15, sd2 or sdxl (sdxl uses sdxl_train_network.py; sd3 is not supported yet)."
+    )
     checkpoint: ModelFile | None = Field(None, description="The base checkpoint and its source.")
     from_instance: InstanceRef | None = Field(None, description="Train on the checkpoint an SDInstance serves.")
 
@@ -133,19 +140,39 @@ class Training(ApiModel):
                 "training.networkAlpha must be less than or equal to training.networkDim",
                 ".networkAlpha",
             ),
+            # sd-scripts' adafactor schedule asserts the Adafactor optimizer (train_util.get_scheduler_fix).
+            rule(
+                "!has(self.lrScheduler) || self.lrScheduler != 'adafactor'"
+                " || (has(self.optimizer) && self.optimizer == 'AdaFactor')",
+                "training.lrScheduler adafactor works only with optimizer AdaFactor",
+                ".lrScheduler",
+            ),
         )
     )
 
     network_dim: int = Field(32, description="LoRA rank (--network_dim). Above 64 tends to overfit.", ge=1, le=1024)
     network_alpha: float | None = Field(None, description="LoRA alpha (--network_alpha); default networkDim/2.", gt=0)
-    learning_rate: float = Field(1e-4, description="Learning rate (--learning_rate).", gt=0, le=1)
+    learning_rate: float | None = Field(
+        None,
+        description="Learning rate (--learning_rate); default 1e-4, or 1 for DAdaptAdam and Prodigy (they adapt it).",
+        gt=0,
+        le=1,
+    )
     unet_lr: float | None = Field(None, description="U-Net learning rate (--unet_lr).", gt=0, le=1)
     text_encoder_lr: float | None = Field(
         None, description="Text encoder learning rate (--text_encoder_lr).", gt=0, le=1
     )
-    lr_scheduler: LRScheduler = Field(LRScheduler.COSINE_WITH_RESTARTS, description="Learning-rate schedule.")
+    lr_scheduler: LRScheduler | None = Field(
+        None,
+        description=(
+            "Learning-rate schedule; default cosine_with_restarts, or constant for DAdaptAdam and Prodigy. "
+            "AdaFactor uses its own adafactor schedule; adafactor needs optimizer AdaFactor."
+        ),
+    )
     lr_scheduler_num_cycles: int = Field(3, description="Restarts of cosine_with_restarts.", ge=1, le=100)
-    lr_warmup_steps: int = Field(0, description="Warm-up steps.", ge=0)
+    lr_warmup_steps: int = Field(
+        0, description="Warm-up steps (with constant, the schedule becomes constant_with_warmup).", ge=0
+    )
     optimizer: Optimizer = Field(Optimizer.ADAMW8BIT, description="Optimizer (--optimizer_type).")
     epochs: int = Field(10, description="Epochs (--max_train_epochs).", ge=1, le=1000)
     batch_size: int = Field(1, description="Batch size (--train_batch_size).", ge=1, le=64)

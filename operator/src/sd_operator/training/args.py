@@ -26,6 +26,13 @@ LOW_MEMORY_GIB = {ModelFamily.SD15: 8, ModelFamily.SD2: 8, ModelFamily.SDXL: 16,
 LOW_MEMORY_RESOLUTION = {ModelFamily.SD15: 512, ModelFamily.SD2: 512, ModelFamily.SDXL: 768, ModelFamily.SD3: 768}
 # Optimizers whose state is small enough for a small GPU (8-bit states, or factored second moments).
 MEMORY_SAVING_OPTIMIZERS = {Optimizer.ADAMW8BIT, Optimizer.PAGED_ADAMW8BIT, Optimizer.LION8BIT, Optimizer.ADAFACTOR}
+# Optimizers that find their own step size: sd-scripts (train_util.get_optimizer) warns that a learning rate at
+# or below 0.1 is too low for them and recommends about 1.0; its docs recommend the constant schedule with them.
+DEFAULT_LEARNING_RATE = 1e-4
+DEFAULT_LR_SCHEDULER = LRScheduler.COSINE_WITH_RESTARTS
+ADAPTIVE_OPTIMIZERS = {Optimizer.DADAPT_ADAM, Optimizer.PRODIGY}
+ADAPTIVE_LEARNING_RATE = 1.0
+ADAPTIVE_LOW_LEARNING_RATE = 0.1
 OVERFIT_DIM = 64
 SCRIPTS = {
     ModelFamily.SD15: "train_network.py",
@@ -64,7 +71,9 @@ def effective_training(
     """Fills unset hyperparameters; returns them and notes for a person saying what was chosen and why.
 
     "Explicit" means present in the spec (pydantic's fields_set): a value the user wrote wins over the
-    memory-aware choice even when it equals the schema default.
+    memory-aware choice even when it equals the schema default. learningRate and lrScheduler have no schema
+    default (the API server would write it into every object), so for them unset is None; their defaults depend
+    on the optimizer, and values sd-scripts would refuse once training started are changed here, with a note.
     """
     explicit = training.model_fields_set
     notes: list[str] = []
@@ -109,6 +118,11 @@ def effective_training(
         # On by default: ~20% slower, but the difference between fitting and OOM on most cards.
         gradient_checkpointing = True
         chosen.append("gradient checkpointing on")
+    learning_rate, lr_scheduler, lr_warmup_steps = _schedule(training, optimizer, chosen, notes)
+    if family is ModelFamily.SD2 and "--v_parameterization" not in (training.extra_args or ()):
+        notes.append(
+            "SD 2 trains with --v2; a 768-v model (SD 2.0-v, 2.1-768) also needs '--v_parameterization' in extraArgs"
+        )
     if chosen:
         notes.insert(0, f"defaults: {', '.join(chosen)}")
 
@@ -120,12 +134,12 @@ def effective_training(
     eff = EffectiveTraining(
         network_dim=training.network_dim,
         network_alpha=alpha,
-        learning_rate=training.learning_rate,
+        learning_rate=learning_rate,
         unet_lr=training.unet_lr,
         text_encoder_lr=training.text_encoder_lr,
-        lr_scheduler=training.lr_scheduler,
+        lr_scheduler=lr_scheduler,
         lr_scheduler_num_cycles=training.lr_scheduler_num_cycles,
-        lr_warmup_steps=training.lr_warmup_steps,
+        lr_warmup_steps=lr_warmup_steps,
         optimizer=optimizer,
         epochs=training.epochs,
         batch_size=training.batch_size,
@@ -137,6 +151,66 @@ def effective_training(
         save_every_n_epochs=training.save_every_n_epochs,
     )
     return eff, notes
+
+
+def _schedule(
+    training: Training, optimizer: Optimizer, chosen: list[str], notes: list[str]
+) -> tuple[float, LRScheduler, int]:
+    """Learning rate, schedule and warm-up steps that sd-scripts runs as meant with this optimizer (appends to
+    chosen and notes what it picked or changed)."""
+    learning_rate = training.learning_rate
+    lr_scheduler = training.lr_scheduler
+    lr_warmup_steps = training.lr_warmup_steps
+    adaptive = optimizer in ADAPTIVE_OPTIMIZERS
+    if learning_rate is None:
+        learning_rate = ADAPTIVE_LEARNING_RATE if adaptive else DEFAULT_LEARNING_RATE
+        if adaptive:
+            chosen.append(f"learning rate 1 ({optimizer.value} adapts the step size; sd-scripts wants about 1)")
+    elif adaptive and learning_rate <= ADAPTIVE_LOW_LEARNING_RATE:
+        notes.append(
+            f"learning rate {_num(learning_rate)} is too low for {optimizer.value}, which adapts the step size: "
+            "sd-scripts recommends about 1"
+        )
+    if adaptive and (training.unet_lr is not None or training.text_encoder_lr is not None):
+        notes.append(
+            f"{optimizer.value} keeps one step size: sd-scripts uses only the first of learningRate, unetLr and "
+            "textEncoderLr it is given"
+        )
+    if lr_scheduler is None:
+        lr_scheduler = LRScheduler.CONSTANT if adaptive else DEFAULT_LR_SCHEDULER
+        if adaptive:
+            chosen.append(f"lr scheduler constant ({optimizer.value} adapts the step size)")
+    if optimizer is Optimizer.ADAFACTOR and adafactor_relative_step(training.extra_args):
+        # sd-scripts' get_optimizer replaces --lr_scheduler with its adafactor schedule whenever Adafactor runs with
+        # relative_step (its default), and that schedule refuses warm-up steps.
+        if training.lr_scheduler is not None and lr_scheduler is not LRScheduler.ADAFACTOR:
+            notes.append(
+                f"optimizer AdaFactor sets its own step size, so sd-scripts uses the adafactor schedule instead of "
+                f"{lr_scheduler.value} (add '--optimizer_args relative_step=False' to extraArgs to keep "
+                f"{lr_scheduler.value})"
+            )
+        lr_scheduler = LRScheduler.ADAFACTOR
+        if lr_warmup_steps:
+            notes.append(
+                f"optimizer AdaFactor: the adafactor schedule has no warm-up, so lrWarmupSteps {lr_warmup_steps} "
+                "is not used"
+            )
+            lr_warmup_steps = 0
+    if lr_scheduler is LRScheduler.CONSTANT and lr_warmup_steps:
+        # sd-scripts refuses warm-up steps with the constant schedule ("does not require `num_warmup_steps`").
+        lr_scheduler = LRScheduler.CONSTANT_WITH_WARMUP
+        notes.append(f"lr scheduler constant_with_warmup: constant has no warm-up ({lr_warmup_steps} warm-up steps)")
+    return learning_rate, lr_scheduler, lr_warmup_steps
+
+
+def adafactor_relative_step(extra_args: Sequence[str] | None) -> bool:
+    """Whether Adafactor would run with relative_step: sd-scripts' default, unless extraArgs pass
+    `--optimizer_args ... relative_step=False ...` (each value is read with ast.literal_eval there)."""
+    for arg in extra_args or ():
+        value = arg.removeprefix("--optimizer_args=").replace(" ", "")
+        if value == "relative_step=False":
+            return False
+    return True
 
 
 def launcher() -> list[str]:
@@ -167,7 +241,17 @@ def sd_scripts_command(
     extra_args: Sequence[str] = (),
 ) -> list[str]:
     """The full trainer command line. Flags use sd-scripts' exact names in `--flag=value` form, so a value
-    that starts with '-' can never be read as a flag."""
+    that starts with '-' can never be read as a flag. ValueError for what sd-scripts would refuse only after
+    loading the model."""
+    if eff.lr_scheduler is LRScheduler.ADAFACTOR and not (
+        eff.optimizer is Optimizer.ADAFACTOR and adafactor_relative_step(extra_args)
+    ):
+        # get_scheduler_fix asserts the Adafactor optimizer and reads the initial lr that get_optimizer appends
+        # ("adafactor:<lr>") only when Adafactor runs with relative_step.
+        raise ValueError(
+            "lr scheduler adafactor works only with optimizer AdaFactor at its default relative_step "
+            f"(optimizer {eff.optimizer.value}): choose another lrScheduler"
+        )
     flags = [
         f"--pretrained_model_name_or_path={pretrained_model}",
         f"--dataset_config={dataset_config}",
