@@ -305,7 +305,7 @@ def test_families_without_a_trainer_are_refused_at_admission() -> None:
 
 # An optimizer the API offers whose package the pinned image does not install. Remove the entry once the image
 # installs it (the test then says so).
-IMAGE_GAPS = {"DAdaptAdam": "dadaptation"}
+IMAGE_GAPS: dict[str, str] = {}
 
 
 def _image_packages() -> set[str]:
