@@ -217,6 +217,18 @@ def test_argparse_errors_and_unterminated_output_are_caught_by_flush() -> None:
     assert parser.last_error == "train_network.py: error: unrecognized arguments: --nope=1"
 
 
+def test_an_invalid_dataset_config_reports_the_key_sd_scripts_names() -> None:
+    """sd-scripts logs a generic line, then voluptuous' exception naming the offending key (the stand-in prints
+    the same, from tests/fixtures/real/sd-scripts/dataset_config_schema.json)."""
+    parser = ProgressParser()
+    parser.feed(
+        "ERROR Invalid user config / ユーザ設定の形式が正しくないようです      config_util.py:378\n"
+        "Traceback (most recent call last):\n"
+        "voluptuous.error.MultipleInvalid: extra keys not allowed @ data['datasets'][0]['flip']\n"
+    )
+    assert parser.last_error == "voluptuous.error.MultipleInvalid: extra keys not allowed @ data['datasets'][0]['flip']"
+
+
 # --- the wrapper's reporting rate (sd_operator.training.train.Throttle) ------------------------------------
 
 

@@ -32,8 +32,10 @@ _BAR = re.compile(
 _RATE = re.compile(r"(?P<value>\d+(?:\.\d+)?)\s*(?P<unit>it/s|s/it)")
 _INTERVAL = re.compile(r"^(?:(?P<d>\d+)d\s*)?(?:(?P<h>\d+):)?(?P<m>\d+):(?P<s>\d{2})$")
 _LOSS = re.compile(r"\bavr_loss=(?P<loss>[-+]?(?:\d+(?:\.\d*)?(?:[eE][-+]?\d+)?|nan|inf))")
-# A Python exception line, a CUDA OOM, an argparse/usage error, a rich ERROR log line, the kernel's OOM kill.
-_ERROR = re.compile(r"\b\w*(?:Error|Exception)\b:|CUDA out of memory|\berror:|\bERROR\b|^Killed\b")
+# A Python exception line, a CUDA OOM, an argparse/usage error, a rich ERROR log line, the kernel's OOM kill,
+# and voluptuous' exceptions (sd-scripts validates the dataset TOML with it: `...MultipleInvalid: extra keys
+# not allowed @ data['datasets'][0]['foo']`, which names the key, after a generic "Invalid user config" line).
+_ERROR = re.compile(r"\b\w*(?:Error|Exception|Invalid)\b:|CUDA out of memory|\berror:|\bERROR\b|^Killed\b")
 # accelerate's own traceback after its child fails ends with this; the trainer's real error came before it.
 _LAUNCHER_ERROR = re.compile(r"CalledProcessError: Command .* returned non-zero exit status")
 
