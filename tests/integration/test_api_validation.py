@@ -170,6 +170,14 @@ INVALID = [
     ("lj-bad-scheduler", LJ, {"spec.training.lrScheduler": "step"}, ["spec.training.lrScheduler", "Unsupported value"]),
     ("lj-bad-optimizer", LJ, {"spec.training.optimizer": "Adam9000"}, ["spec.training.optimizer"]),
     ("lj-zero-epochs", LJ, {"spec.training.epochs": 0}, ["spec.training.epochs"]),
+    # sd-scripts has no SD3 LoRA trainer at the pinned commit, and its adafactor schedule asserts AdaFactor.
+    ("lj-sd3-family", LJ, {"spec.baseModel.family": "sd3"}, ["spec.baseModel.family", "sd3 is not supported"]),
+    (
+        "lj-adafactor-schedule-without-adafactor",
+        LJ,
+        {"spec.training.lrScheduler": "adafactor", "spec.training.optimizer": "AdamW8bit"},
+        ["spec.training.lrScheduler", "adafactor works only with optimizer AdaFactor"],
+    ),
     ("lj-resolution-not-64", LJ, {"spec.training.resolution": 1000}, ["spec.training.resolution", "multiple of 64"]),
     (
         "lj-two-base-models",
