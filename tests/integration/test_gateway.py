@@ -175,7 +175,7 @@ def test_oversized_request_is_refused_before_any_gpu_with_the_budget(fleet: dict
     assert r.status_code == 413
     body = r.json()
     assert body["error"] == "OutOfMemoryError" and body["pixel_budget"] > 0
-    assert "hr_scale" in body["detail"] or "hires" in body["detail"]
+    assert "lower batch_size to 2 and raise n_iter to 4" in body["detail"]  # one 2048x2048 image fits
     assert stats(fleet["b"])["requests"].get("POST /sdapi/v1/txt2img", 0) == before
 
 
@@ -312,7 +312,7 @@ def test_an_out_of_memory_answer_comes_back_with_advice_and_is_not_retried(tmp_p
     procs.append(gw)
     r = txt2img(gw, MODEL_A, width=2048, height=2048, batch_size=8)
     assert r.status_code == 500
-    assert r.json()["error"] == "OutOfMemoryError" and "hr_scale" in r.json()["detail"]
+    assert r.json()["error"] == "OutOfMemoryError" and "lower batch_size" in r.json()["detail"]
     assert stats(one)["oom_count"] == 1  # tried once: the same card would fail again
 
 
@@ -326,3 +326,173 @@ def test_fleet_listings(fleet: dict[str, Any]) -> None:
     assert any(s["name"] == "DPM++ 2M" for s in samplers)
     instances = requests.get(f"{gw.url}/v1/instances", timeout=5).json()
     assert {i["model"] for i in instances} == {MODEL_A, MODEL_B} and all(i["pixelBudget"] for i in instances)
+
+
+# ---------------------------------------------------------------------------------------------
+# The rest of the A1111 API through the gateway, and the pixel budget of hires fix
+
+
+def b64_png(width: int, height: int) -> str:
+    buf = io.BytesIO()
+    Image.new("RGB", (width, height), "navy").save(buf, "PNG")
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+def test_png_info_of_a_generated_image_through_the_gateway(fleet: dict[str, Any]) -> None:
+    gw = fleet["gw"]
+    made = txt2img(gw, MODEL_B, seed=21, prompt="a lighthouse, dusk", negative_prompt="blurry", steps=4)
+    assert made.status_code == 200
+    r = requests.post(f"{gw.url}/sdapi/v1/png-info", json={"image": made.json()["images"][0]}, timeout=30)
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert set(body) == {"info", "items", "parameters"}
+    assert body["info"] == json.loads(made.json()["info"])["infotexts"][0]
+    params = body["parameters"]
+    assert (params["Prompt"], params["Negative prompt"], params["Seed"]) == ("a lighthouse, dusk", "blurry", "21")
+    assert (params["Size-1"], params["Size-2"], params["Steps"]) == ("512", "512", "4")
+    assert body["items"]["sd-emulator-seed"] == "21" and "parameters" not in body["items"]
+    # Outside the queues: no generation ran for it anywhere.
+    assert sum(stats(p)["generations"] for p in (*fleet["a"], fleet["b"])) == 1
+
+
+def test_extras_upscale_through_the_gateway_single_and_batch(fleet: dict[str, Any]) -> None:
+    gw = fleet["gw"]
+    source = txt2img(gw, MODEL_A, seed=5, width=256, height=256, steps=2).json()["images"][0]
+    body = {"image": source, "upscaler_1": "R-ESRGAN 4x+", "upscaling_resize": 2.5}
+    r = requests.post(f"{gw.url}/sdapi/v1/extra-single-image", json=body, timeout=60)
+    assert r.status_code == 200, r.text
+    out = Image.open(io.BytesIO(base64.b64decode(r.json()["image"])))
+    assert out.size == (640, 640)
+    assert out.text["sd-emulator-seed"] == "5"  # type: ignore[attr-defined]
+    assert out.text["postprocessing"] == "Postprocess upscale by: 2.5, Postprocess upscaler: R-ESRGAN 4x+"  # type: ignore[attr-defined]
+    assert r.json()["html_info"] == f"<p>{out.text['postprocessing']}</p>"  # type: ignore[attr-defined]
+    batch = {
+        "imageList": [{"data": b64_png(300, 200), "name": "a.png"}, {"data": b64_png(120, 90), "name": "b.png"}],
+        "upscaler_1": "Lanczos",
+        "resize_mode": 1,
+        "upscaling_resize_w": 640,
+        "upscaling_resize_h": 480,
+    }
+    many = requests.post(
+        f"{gw.url}/sdapi/v1/extra-batch-images", json=batch, headers={"X-SD-Model": MODEL_B}, timeout=60
+    )
+    assert many.status_code == 200, many.text
+    assert many.headers["X-SD-Backend"] == fleet["b"].url  # the model asked for
+    sizes = [Image.open(io.BytesIO(base64.b64decode(i))).size for i in many.json()["images"]]
+    assert sizes == [(640, 480), (640, 480)]
+    bad = requests.post(f"{gw.url}/sdapi/v1/extra-single-image", json={"image": source, "upscaler_1": "x"}, timeout=30)
+    assert bad.status_code == 500 and bad.json()["errors"] == "could not find upscaler named x"
+
+
+def test_extras_and_interrogate_queue_behind_a_generation_on_the_most_idle_model(
+    tmp_path: Path, procs: list[Proc]
+) -> None:
+    a = emulator(tmp_path, "a", MODEL_A, speed=0.3)
+    b = emulator(tmp_path, "b", MODEL_B, speed=0.3)
+    procs += [a, b]
+    gw = gateway(tmp_path, [a, b], "--default-model", MODEL_A)
+    procs.append(gw)
+    image = b64_png(512, 512)
+    with ThreadPoolExecutor(4) as pool:
+        long = pool.submit(txt2img, gw, MODEL_B, steps=60, width=1024, height=1024)  # ~2 s on b
+        deadline = time.monotonic() + 10
+        while stats(b)["active"] == 0 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        # No model named: extras go to the model with an idle instance (a), not to the busy b.
+        free = requests.post(
+            f"{gw.url}/sdapi/v1/extra-single-image", json={"image": image, "upscaler_1": "SwinIR 4x"}, timeout=60
+        )
+        assert free.status_code == 200 and free.headers["X-SD-Backend"] == a.url
+        # Named: it waits in b's queue until the generation is done, and runs alone on the card.
+        started = time.monotonic()
+        queued = pool.submit(
+            requests.post,
+            f"{gw.url}/sdapi/v1/interrogate",
+            json={"image": image},
+            headers={"X-SD-Model": MODEL_B},
+            timeout=60,
+        )
+        time.sleep(0.3)
+        assert not queued.done()
+        assert requests.get(f"{gw.url}/v1/demand", timeout=5).json()["models"][MODEL_B]["queued"] == 1
+        assert long.result(timeout=60).status_code == 200
+        caption = queued.result(timeout=60)
+    assert caption.status_code == 200 and caption.json() == {"caption": "a picture of a mosaic of coloured squares"}
+    assert caption.headers["X-SD-Backend"] == b.url and time.monotonic() - started > 0.5
+    sb = stats(b)
+    assert sb["max_concurrency"] == 1 and sb["requests"]["POST /sdapi/v1/interrogate"] == 1
+    assert stats(a)["requests"]["POST /sdapi/v1/extra-single-image"] == 1
+
+
+def test_interrogate_with_deepdanbooru_and_an_unknown_model(fleet: dict[str, Any]) -> None:
+    gw = fleet["gw"]
+    source = txt2img(gw, MODEL_A, seed=2, prompt="1girl, red hair", steps=2).json()["images"][0]
+    tags = requests.post(f"{gw.url}/sdapi/v1/interrogate", json={"image": source, "model": "deepdanbooru"}, timeout=30)
+    assert tags.status_code == 200 and tags.json()["caption"].startswith("1girl, red hair")
+    unknown = requests.post(f"{gw.url}/sdapi/v1/interrogate", json={"image": source, "model": "blip"}, timeout=30)
+    assert unknown.status_code == 404 and unknown.json()["detail"] == "Model not found"
+
+
+def test_read_only_webui_gets_through_the_gateway(fleet: dict[str, Any]) -> None:
+    gw = fleet["gw"]
+    for path in ("upscalers", "latent-upscale-modes", "face-restorers", "realesrgan-models", "prompt-styles",
+                 "hypernetworks", "scripts", "script-info", "extensions", "sd-vae", "embeddings"):  # fmt: skip
+        r = requests.get(f"{gw.url}/sdapi/v1/{path}", headers={"X-SD-Model": MODEL_B}, timeout=10)
+        assert r.status_code == 200, (path, r.text)
+        assert isinstance(r.json(), list | dict)
+    upscalers = requests.get(f"{gw.url}/sdapi/v1/upscalers", timeout=10).json()
+    assert {"None", "Lanczos", "R-ESRGAN 4x+"} <= {u["name"] for u in upscalers}
+    assert stats(fleet["b"])["requests"]["GET /sdapi/v1/script-info"] == 1
+
+
+def test_routes_that_would_change_an_instance_are_refused_with_advice(fleet: dict[str, Any]) -> None:
+    gw = fleet["gw"]
+    for path in ("refresh-checkpoints", "reload-checkpoint", "unload-checkpoint", "create/embedding",
+                 "create/hypernetwork", "train/embedding", "train/hypernetwork", "server-kill", "server-restart",
+                 "server-stop"):  # fmt: skip
+        r = requests.post(f"{gw.url}/sdapi/v1/{path}", json={}, timeout=10)
+        assert r.status_code == 403 and r.json()["error"] == "Forbidden", path
+        assert "SDInstance" in r.json()["detail"] or "LoRAJob" in r.json()["detail"], path
+    settings = requests.post(f"{gw.url}/sdapi/v1/options", json={"CLIP_stop_at_last_layers": 2}, timeout=10)
+    assert settings.status_code == 403
+    for proc in (*fleet["a"], fleet["b"]):
+        assert not [k for k in stats(proc)["requests"] if "checkpoint" in k or "train" in k or "options" in k]
+    # Refreshing VAE and embedding folders changes nothing the gateway routes by: every instance does it.
+    refreshed = requests.post(f"{gw.url}/sdapi/v1/refresh-embeddings", timeout=30).json()["refreshed"]
+    assert sorted(x["status"] for x in refreshed) == [200, 200, 200]
+
+
+def test_hires_fix_beyond_the_budget_is_refused_with_the_real_target_size(fleet: dict[str, Any]) -> None:
+    """The issue's example: 1024x1024 with hr_scale 8 renders its second pass at 8192x8192."""
+    gw, b = fleet["gw"], fleet["b"]
+    before = stats(b)["requests"].get("POST /sdapi/v1/txt2img", 0)
+    r = txt2img(gw, MODEL_B, width=1024, height=1024, enable_hr=True, hr_scale=8, hr_upscaler="Latent")
+    assert r.status_code == 413, r.text
+    body = r.json()
+    assert body["peak"] == {"pass": "hires fix", "width": 8192, "height": 8192, "batch": 1}
+    assert "hires fix: 1024x1024 x hr_scale 8 = 8192x8192 x batch 1 = 67,108,864 pixels at once" in body["detail"]
+    assert "hr_scale 3 (3072x3072)" in body["detail"]  # what fits the RTX 3090 profile (9,675,000 pixels)
+    assert "POST /sdapi/v1/extra-single-image" in body["detail"]
+    assert stats(b)["requests"].get("POST /sdapi/v1/txt2img", 0) == before  # refused before any GPU
+    # The advice holds: hr_scale 3 renders, and extras take it on to 8192x8192.
+    fits = txt2img(gw, MODEL_B, width=1024, height=1024, enable_hr=True, hr_scale=3, steps=2, seed=1)
+    assert fits.status_code == 200, fits.text
+    assert Image.open(io.BytesIO(base64.b64decode(fits.json()["images"][0]))).size == (3072, 3072)
+    # The same body straight to the emulator: it runs out of memory as the real card would.
+    direct = requests.post(
+        f"{b.url}/sdapi/v1/txt2img",
+        json={"prompt": "x", "width": 1024, "height": 1024, "enable_hr": True, "hr_scale": 8, "steps": 2},
+        timeout=60,
+    )
+    assert direct.status_code == 500 and direct.json()["error"] == "OutOfMemoryError"
+
+
+def test_an_oom_answer_for_hires_fix_names_the_second_pass(tmp_path: Path, procs: list[Proc]) -> None:
+    one = emulator(tmp_path, "one", MODEL_A, profile="rtx3060")
+    procs.append(one)
+    gw = gateway(tmp_path, [{"url": one.url, "pixelBudget": 100_000_000}])  # a budget larger than the card's
+    procs.append(gw)
+    r = txt2img(gw, MODEL_A, width=768, height=768, enable_hr=True, hr_resize_x=4096, steps=2)
+    assert r.status_code == 500 and r.json()["error"] == "OutOfMemoryError"
+    assert "hires fix: 768x768 to hr_resize_x 4096 = 4096x4096" in r.json()["detail"]
+    assert stats(one)["oom_count"] == 1

@@ -384,11 +384,12 @@ def test_bounds_themselves_are_accepted() -> None:
 # --- OOM advice --------------------------------------------------------------------------------------------------
 
 
-def test_oom_message_gives_the_load_and_a_hires_fix_plan() -> None:
+def test_oom_message_gives_the_load_and_an_extras_upscale_plan() -> None:
+    # Not hires fix: its second pass holds as much as rendering at the target size (gateway/budget.py).
     text = describe_oom(1024, 1024, 1, None)
     assert "1024x1024 x batch 1 = 1,048,576 pixels" in text
-    assert "512x512 with enable_hr and hr_scale 2 to get 1024x1024" in text
-    assert "batch_size" not in text  # nothing to lower
+    assert "512x512, then upscale 512x512 to 1024x1024 with POST /sdapi/v1/extra-single-image" in text
+    assert "enable_hr" not in text and "batch_size" not in text  # nothing to lower
 
 
 def test_oom_message_with_a_batch_and_a_budget() -> None:
@@ -396,8 +397,7 @@ def test_oom_message_with_a_batch_and_a_budget() -> None:
     assert "2,359,296 pixels" in text
     assert "about 600,000" in text
     assert "lower batch_size to 1 and raise n_iter to 4" in text
-    assert "smaller size such as 768x768" not in text
-    assert "384x384 with enable_hr and hr_scale 2 to get 768x768" in text
+    assert "smaller size" not in text and "extra-single-image" not in text  # one image fits
 
 
 def test_oom_suggests_a_size_that_fits_the_budget() -> None:

@@ -15,7 +15,7 @@ from typing import Any
 
 from aiohttp import web
 
-from sd_operator.emulator import controlnet, generation
+from sd_operator.emulator import controlnet, extras, generation
 from sd_operator.emulator.catalog import samplers_api, schedulers_api, scripts_api
 from sd_operator.emulator.config import EmulatorConfig
 from sd_operator.emulator.engine import EMULATOR, ApiError, Emulator
@@ -259,4 +259,5 @@ def create_app(config: EmulatorConfig) -> web.Application:
     r.add_get("/sdapi/v1/cmd-flags", _computed(lambda e: e.config.cmd_flags))
     r.add_get("/emulator/stats", _computed(Emulator.stats))
     controlnet.add_routes(app)
+    extras.add_routes(app)  # extras, png-info, interrogate, catalogs
     return app

@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import os
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 from aiohttp import web
 
@@ -21,6 +22,7 @@ from sd_operator.emulator.profiles import GIB, PIXELS_PER_GIB, UNIT_PIXELS, WEIG
 
 log = logging.getLogger("sd_operator.emulator")
 SLICE = 0.05  # longest single sleep: how quickly interrupt/skip take effect
+T = TypeVar("T")
 
 
 class ApiError(Exception):
@@ -184,8 +186,9 @@ class Emulator:
         self.current_bytes = int(used * GIB)
         self.peak_bytes = max(self.peak_bytes, self.current_bytes)
 
-    async def run(self, plan: Plan, render: Callable[[int], list[bytes]]) -> Outcome:
-        """Runs under the queue lock: OOM check, the timed sampling loop, then `render(iterations)`."""
+    @contextlib.asynccontextmanager
+    async def locked(self) -> AsyncIterator[None]:
+        """A1111's queue lock, counted as waiting until it is held; held, it waits for the model load too."""
         self.waiting += 1
         acquired = False
         try:
@@ -193,10 +196,47 @@ class Emulator:
                 self.waiting -= 1
                 acquired = True
                 await self.loaded.wait()  # requests before the model is loaded wait, as in A1111
-                return await self._locked_run(plan, render)
+                yield
         finally:
             if not acquired:  # cancelled while queued
                 self.waiting -= 1
+
+    async def run(self, plan: Plan, render: Callable[[int], list[bytes]]) -> Outcome:
+        """Runs under the queue lock: OOM check, the timed sampling loop, then `render(iterations)`."""
+        async with self.locked():
+            return await self._locked_run(plan, render)
+
+    async def exclusive(
+        self, job: str, seconds: Sequence[float], work: Callable[[int], T], *, interruptible: bool = True
+    ) -> T:
+        """Work other than sampling that A1111 runs under its queue lock (extras, interrogate): one progress job
+        per entry of `seconds` (simulated time, already scaled), then `work(jobs done)` in a thread. Interrupt
+        ends it between jobs when `interruptible`, as extras check it between images."""
+        async with self.locked():
+            self.active += 1
+            self.max_concurrency = max(self.max_concurrency, self.active)
+            started = time.monotonic()
+            p = self.progress
+            try:
+                p.job, p.job_count, p.job_no, p.interrupted, p.skipped = job, len(seconds), 0, False, False
+                p.job_timestamp, p.time_start = time.strftime("%Y%m%d%H%M%S"), time.time()
+                done = 0
+                for number, duration in enumerate(seconds):
+                    if interruptible and p.interrupted:
+                        break
+                    p.job_no = number
+                    end = time.monotonic() + duration
+                    while not (interruptible and p.interrupted):
+                        left = end - time.monotonic()
+                        if left <= 0:
+                            break
+                        await asyncio.sleep(min(SLICE, left))
+                    done += 1
+                return await asyncio.to_thread(work, done)
+            finally:
+                self.active -= 1
+                self.busy_seconds += time.monotonic() - started
+                p.job, p.job_count, p.job_no = "", 0, 0
 
     async def _locked_run(self, plan: Plan, render: Callable[[int], list[bytes]]) -> Outcome:
         self.active += 1

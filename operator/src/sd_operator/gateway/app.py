@@ -11,28 +11,30 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import re
 import time
+from collections.abc import Callable
 from typing import Any
 
 import aiohttp
 from aiohttp import web
 from pydantic import ValidationError
 
+from sd_operator.gateway import budget
 from sd_operator.gateway import metrics as m
 from sd_operator.gateway.auth import ANONYMOUS, KeyStore, Tenant, presented_key
 from sd_operator.gateway.cache import CachedResponse, ResultCache, cache_key, make_cache
 from sd_operator.gateway.config import GatewayConfig
-from sd_operator.gateway.dispatch import Backend, ColdStartTimeout, Dispatcher, NoBackend, QueueFull, work_units
+from sd_operator.gateway.dispatch import Backend, ColdStartTimeout, Dispatcher, NoBackend, QueueFull
 from sd_operator.gateway.payload import (
     RECOMMENDED,
     GenerateRequest,
     build_txt2img_payload,
     canonical_request,
-    describe_oom,
     is_deterministic,
 )
 from sd_operator.gateway.presets import PresetStore, UnknownPreset
-from sd_operator.gateway.registry import ModelNotReady, Registry, UnknownModel, probe
+from sd_operator.gateway.registry import ModelNotReady, Registry, UnknownModel, family_of, pixel_budget, probe
 from sd_operator.gateway.upstream import Upstream, UpstreamError, UpstreamResponse
 
 log = logging.getLogger("sd_operator.gateway")
@@ -40,6 +42,7 @@ access_log = logging.getLogger("sd_operator.gateway.access")
 OPEN_PATHS = {"/healthz", "/readyz", "/metrics", "/openapi.json"}
 HOP_HEADERS = {"connection", "keep-alive", "transfer-encoding", "content-length", "server", "date"}
 SMALL_ANSWER = 256 * 1024  # answers up to this size go to the client in one write
+_GIB = re.compile(r"(\d+(?:\.\d+)?)\s*GiB")  # a backend's GPU memory as probes and discovery note it
 SWITCH_ADVICE = (
     "this gateway never switches a backend's model: every instance serves one fixed model. Choose the model "
     "per request with override_settings.sd_model_checkpoint or the X-SD-Model header; GET /sdapi/v1/sd-models "
@@ -214,12 +217,19 @@ async def generate(request: web.Request, path: str, payload: dict[str, Any], raw
         # The model was picked by routing; the backend must not try to load anything else.
         payload["override_settings"] = {k: v for k, v in settings.items() if k != "sd_model_checkpoint"}
         raw = None
-    width, height = int(payload.get("width") or 512), int(payload.get("height") or 512)
-    batch = int(payload.get("batch_size") or 1)
-    steps, n_iter = int(payload.get("steps") or 20), int(payload.get("n_iter") or 1)
-    budget = state.registry.budget(model)
-    if budget is not None and width * height * batch > budget:
-        return error(413, describe_oom(width, height, batch, budget), "OutOfMemoryError", pixel_budget=budget)
+    load = budget.request_load(path, payload)
+    limit = state.registry.budget(model)
+    if limit is not None and load.pixels > limit:
+        peak = load.peak
+        text = budget.describe(
+            load,
+            limit,
+            what=f"too large for the GPUs serving {model}",
+            where="the largest of them",
+            larger=_larger_gpus(state, model, limit),
+        )
+        target = {"pass": peak.label, "width": peak.width, "height": peak.height, "batch": peak.batch}
+        return error(413, text, "OutOfMemoryError", pixel_budget=limit, pixels=peak.pixels, peak=target)
     body = raw if raw is not None else json.dumps(payload).encode()
 
     key = None
@@ -232,9 +242,22 @@ async def generate(request: web.Request, path: str, payload: dict[str, Any], raw
             m.child(m.cache, "hit").inc()
             return web.Response(body=hit.body, headers={"Content-Type": hit.content_type, "X-Cache": "hit"})
         m.child(m.cache, "miss").inc()
+    return await _dispatch(request, state, model, path, body, load.units(), key, lambda b: budget.describe(load, b))
 
+
+async def _dispatch(
+    request: web.Request,
+    state: State,
+    model: str,
+    path: str,
+    body: bytes,
+    units: float,
+    key: str | None,
+    oom_advice: Callable[[int | None], str],
+) -> web.StreamResponse:
+    """Waits in the model's queue for an idle backend, sends the body and relays the answer; retries on another
+    backend after a failure, and after an out-of-memory answer only on backends with a larger budget."""
     tenant: Tenant = request["tenant"]
-    units = work_units(width, height, steps, batch, n_iter)
     tried: list[Backend] = []
     for attempt in range(state.cfg.retries + 1):
         waited = time.perf_counter()
@@ -274,10 +297,26 @@ async def generate(request: web.Request, path: str, payload: dict[str, Any], raw
                 if (b.pixel_budget or 0) > (backend.pixel_budget or 0)
             ]
             if not bigger:
-                return error(500, describe_oom(width, height, batch, backend.pixel_budget), "OutOfMemoryError")
+                return error(500, oom_advice(backend.pixel_budget), "OutOfMemoryError")
             # The same class of GPU would fail again: only larger cards are worth a try.
             tried += [b for b in state.dispatcher.backends.get(model, []) if b not in bigger]
     return error(502, f"no backend of {model} answered after {len(tried)} attempt(s)", "BackendUnavailable")
+
+
+def _larger_gpus(state: State, model: str, limit: int) -> list[tuple[str, int]]:
+    """GPUs of the fleet (any model's instances) with more memory than `model`'s largest, and the pixel budget
+    `model` would have on each: where an SDInstance of it could hold what its own GPUs cannot."""
+    family = family_of(model)
+    seen: dict[float, tuple[str, int]] = {}
+    for backend in state.dispatcher.all_backends():
+        match = _GIB.fullmatch(backend.gpu or "")
+        if match is None:
+            continue
+        vram = float(match[1])
+        pixels = pixel_budget(vram, family)
+        if pixels > limit and vram not in seen:
+            seen[vram] = (f"{backend.gpu}, as {backend.instance or backend.url} has", pixels)
+    return list(seen.values())
 
 
 async def _forward(
@@ -305,6 +344,12 @@ async def _forward(
                     state.dispatcher.release(backend, ok=True)
                     m.child(m.errors, "OutOfMemoryError").inc()
                     return "oom"
+                if _about_the_request(text):
+                    # A healthy WebUI refusing this request (an unknown upscaler, an unreadable image): every
+                    # instance would answer the same, so it goes to the client as it is.
+                    state.dispatcher.release(backend, ok=True)
+                    headers = {"Content-Type": "application/json", "X-SD-Backend": backend.instance or backend.url}
+                    return web.Response(status=upstream.status, body=text, headers=headers)
                 # A 5xx before any byte reached the client: another backend may do better.
                 state.eject(backend)
                 state.dispatcher.release(backend, ok=False)
@@ -348,6 +393,20 @@ async def _forward(
         state.running.get(tenant, set()).discard(backend)
 
 
+REQUEST_ERRORS = frozenset({"HTTPException", "AssertionError", "RequestValidationError"})
+
+
+def _about_the_request(text: bytes) -> bool:
+    """A WebUI error answer ({error, detail, body, errors}) for an error in the request: the WebUI raises
+    HTTPException (e.g. 500 "Invalid encoded image") or fails an assertion (e.g. "could not find upscaler
+    named ...") on what it was sent. Other errors (RuntimeError, CUDA errors) may be the instance's own."""
+    try:
+        body = json.loads(text)
+    except ValueError:
+        return False
+    return isinstance(body, dict) and "errors" in body and body.get("error") in REQUEST_ERRORS
+
+
 async def _stream(
     request: web.Request, upstream: UpstreamResponse, response: web.StreamResponse, keep: bool
 ) -> list[bytes]:
@@ -364,13 +423,14 @@ async def _stream(
     return parts
 
 
-async def _interrupt(state: State, backend: Backend) -> None:
+async def _interrupt(state: State, backend: Backend, action: str = "interrupt") -> None:
+    """POST /sdapi/v1/interrupt (or skip) to one backend."""
     assert state.session is not None
     try:
-        async with state.session.post(f"{backend.url}/sdapi/v1/interrupt", timeout=aiohttp.ClientTimeout(total=5)):
+        async with state.session.post(f"{backend.url}/sdapi/v1/{action}", timeout=aiohttp.ClientTimeout(total=5)):
             pass
     except (aiohttp.ClientError, TimeoutError):
-        log.warning("could not interrupt %s", backend.url)
+        log.warning("could not %s %s", action, backend.url)
 
 
 async def _json_body(request: web.Request) -> tuple[dict[str, Any], bytes] | web.Response:
@@ -464,7 +524,8 @@ async def proxy_get(request: web.Request) -> web.StreamResponse:
 
 
 async def refresh_loras(request: web.Request) -> web.Response:
-    """Asks every instance of the model (or of every model) to rescan its LoRA folder."""
+    """Asks every instance of the model (or of every model) to rescan its LoRA folder (refresh-loras), or its
+    VAE or embeddings folder (refresh-vae, refresh-embeddings: the same request to every instance)."""
     state = _state(request)
     assert state.session is not None
     model = request.headers.get("X-SD-Model") or request.query.get("model")
@@ -477,9 +538,7 @@ async def refresh_loras(request: web.Request) -> web.Response:
     done = []
     for backend in targets or []:
         try:
-            async with state.session.post(
-                f"{backend.url}/sdapi/v1/refresh-loras", timeout=aiohttp.ClientTimeout(total=60)
-            ) as r:
+            async with state.session.post(f"{backend.url}{request.path}", timeout=aiohttp.ClientTimeout(total=60)) as r:
                 done.append({"instance": backend.instance or backend.url, "status": r.status})
         except (aiohttp.ClientError, TimeoutError):
             done.append({"instance": backend.instance or backend.url, "status": "unreachable"})
@@ -519,6 +578,169 @@ async def interrupt(request: web.Request) -> web.Response:
     backends = list(state.running.get(tenant.name, set()))
     await asyncio.gather(*(_interrupt(state, b) for b in backends))
     return web.json_response({"interrupted": len(backends)})
+
+
+async def skip(request: web.Request) -> web.Response:
+    """Skips the current image of the calling tenant's running generations (never other tenants')."""
+    state = _state(request)
+    tenant: Tenant = request["tenant"]
+    backends = list(state.running.get(tenant.name, set()))
+    await asyncio.gather(*(_interrupt(state, b, "skip") for b in backends))
+    return web.json_response({"skipped": len(backends)})
+
+
+# ---------------------------------------------------------------------------------------------
+# The rest of the WebUI's API (modules/api/api.py of v1.10.1): png-info on any ready instance, extras and
+# interrogate through the queues like generations, and the routes that would change an instance, refused.
+
+# GETs that only read: answered by an instance of the requested (or default) model.
+READ_ONLY_GETS = (
+    "loras",
+    "samplers",
+    "schedulers",
+    "upscalers",
+    "latent-upscale-modes",
+    "sd-vae",
+    "hypernetworks",
+    "face-restorers",
+    "realesrgan-models",
+    "prompt-styles",
+    "embeddings",
+    "scripts",
+    "script-info",
+    "extensions",
+    "cmd-flags",
+    "memory",
+)
+# POSTs that use the GPU under the WebUI's queue lock without depending on the checkpoint, and their work units.
+GPU_TASKS: dict[str, Callable[[dict[str, Any]], float]] = {
+    "/sdapi/v1/extra-single-image": budget.extras_units,
+    "/sdapi/v1/extra-batch-images": budget.extras_units,
+    "/sdapi/v1/interrogate": budget.interrogate_units,
+}
+_FIXED = "every instance serves the one checkpoint it loaded at start (SDInstance spec.model)"
+_TRAINING = (
+    "training does not run in serving instances: train a LoRA with a LoRAJob (sd-scripts); the instances pick "
+    "it up from their LoRA folder (POST /sdapi/v1/refresh-loras)"
+)
+_POD = (
+    "instances are pods managed by sd-operator: delete a pod to restart it, scale the SDInstance (spec.replicas) "
+    "to stop them"
+)
+# POSTs that would change an instance: refused (403) with what to do instead. POST /sdapi/v1/options: options_post.
+REFUSED = {
+    "/sdapi/v1/refresh-checkpoints": f"{_FIXED}: another checkpoint is served by another SDInstance; "
+    "GET /sdapi/v1/sd-models lists the fleet's models",
+    "/sdapi/v1/reload-checkpoint": f"{_FIXED} and keeps it in GPU memory: nothing to reload",
+    "/sdapi/v1/unload-checkpoint": f"{_FIXED} and keeps it in GPU memory while it runs: free GPUs by scaling the "
+    "SDInstance (spec.replicas, or autoscaling down to zero), not by unloading its model",
+    "/sdapi/v1/create/embedding": _TRAINING,
+    "/sdapi/v1/create/hypernetwork": _TRAINING,
+    "/sdapi/v1/train/embedding": _TRAINING,
+    "/sdapi/v1/train/hypernetwork": _TRAINING,
+    "/sdapi/v1/server-kill": _POD,
+    "/sdapi/v1/server-restart": _POD,
+    "/sdapi/v1/server-stop": _POD,
+}
+
+
+async def refused(request: web.Request) -> web.Response:
+    return error(403, f"{request.path} is not served by this gateway: {REFUSED[request.path]}", "Forbidden")
+
+
+def most_idle_model(dispatcher: Dispatcher) -> str | None:
+    """The model whose instances have the most free slots beyond its waiting requests (ties: more instances,
+    then the name): where work that any model's instance can do waits least. None without live instances."""
+    best: tuple[int, int] | None = None
+    chosen = None
+    for model in sorted(dispatcher.backends):
+        live = [b for b in dispatcher.backends[model] if not b.removed and not b.ejected]
+        if not live:
+            continue
+        free = sum(max(0, b.max_inflight - b.inflight) for b in live)
+        score = (free - dispatcher.queue_depth(model), len(live))
+        if best is None or score > best:
+            best, chosen = score, model
+    return chosen
+
+
+def _task_model(state: State, request: web.Request) -> str:
+    """The model named by X-SD-Model or ?model; else, as extras and interrogate do not depend on the
+    checkpoint, the model with the most idle capacity (the default model when no instance is up)."""
+    explicit = request.query.get("model") or request.headers.get("X-SD-Model")
+    if explicit:
+        return state.registry.resolve(explicit)
+    return most_idle_model(state.dispatcher) or _model_for(state, request, {})
+
+
+async def gpu_task(request: web.Request) -> web.StreamResponse:
+    """extra-single-image, extra-batch-images, interrogate: queued and dispatched like generations (the WebUI
+    runs them under its queue lock), with their own work units; the bodies go to the instance unchanged."""
+    parsed = await _json_body(request)
+    if isinstance(parsed, web.Response):
+        return parsed
+    payload, raw = parsed
+    state = _state(request)
+    try:
+        model = _task_model(state, request)
+    except (UnknownModel, ModelNotReady) as e:
+        return unresolved(e)
+    request["model"] = model
+    interrogate = request.path.endswith("/interrogate")
+
+    def advice(_: int | None) -> str:
+        if interrogate:
+            return f"CUDA out of memory while interrogating on the instances of {model}: retry with a smaller image"
+        return (
+            f"CUDA out of memory while upscaling on the instances of {model}: try a smaller upscaling_resize, or "
+            "upscale in two calls"
+        )
+
+    return await _dispatch(request, state, model, request.path, raw, GPU_TASKS[request.path](payload), None, advice)
+
+
+async def png_info(request: web.Request) -> web.StreamResponse:
+    """POST /sdapi/v1/png-info on the least busy ready instance (of ?model / X-SD-Model when given), outside the
+    queues: the WebUI answers it without its queue lock and without the GPU. It is parsed by an instance, not
+    here: the infotext parser's defaults and version back-compatibility, and the extensions' infotext callbacks
+    (the Lora extension renames LoRAs by their hashes), are the instance's own; the gateway would only imitate
+    them."""
+    state = _state(request)
+    raw = await request.read()
+    explicit = request.query.get("model") or request.headers.get("X-SD-Model")
+    try:
+        model = state.registry.resolve(explicit) if explicit else None
+    except (UnknownModel, ModelNotReady) as e:
+        return unresolved(e)
+    request["model"] = model
+    group = state.dispatcher.backends.get(model, []) if model else state.dispatcher.all_backends()
+    ready = sorted((b for b in group if not b.ejected and not b.removed), key=lambda b: b.inflight)
+    if not ready:
+        return error(
+            503,
+            "png-info is answered by any ready instance, and none is ready; retry later (GET /v1/models)",
+            "NoBackend",
+            retry_after=NOT_READY_RETRY_SECONDS,
+        )
+    assert state.session is not None
+    for backend in ready[: state.cfg.retries + 1]:
+        try:
+            async with state.session.post(
+                f"{backend.url}{request.path}",
+                data=raw,
+                headers={"Content-Type": "application/json"},
+                timeout=aiohttp.ClientTimeout(total=60),
+            ) as upstream:
+                data = await upstream.read()
+                return web.Response(
+                    body=data,
+                    status=upstream.status,
+                    content_type=upstream.content_type,
+                    headers={"X-SD-Backend": backend.instance or backend.url},
+                )
+        except (aiohttp.ClientError, TimeoutError):
+            state.eject(backend)
+    return error(502, "no instance answered png-info", "BackendUnavailable")
 
 
 async def v1_models(request: web.Request) -> web.Response:
@@ -625,8 +847,15 @@ def create_app(cfg: GatewayConfig, dispatcher: Dispatcher | None = None) -> web.
     r.add_post("/sdapi/v1/options", options_post)
     r.add_get("/sdapi/v1/progress", progress)
     r.add_post("/sdapi/v1/interrupt", interrupt)
-    r.add_post("/sdapi/v1/refresh-loras", refresh_loras)
-    for path in ("loras", "samplers", "schedulers", "upscalers", "sd-vae", "embeddings", "cmd-flags", "memory"):
+    r.add_post("/sdapi/v1/skip", skip)
+    for what in ("loras", "vae", "embeddings"):
+        r.add_post(f"/sdapi/v1/refresh-{what}", refresh_loras)
+    r.add_post("/sdapi/v1/png-info", png_info)
+    for path in GPU_TASKS:
+        r.add_post(path, gpu_task)
+    for path in REFUSED:
+        r.add_post(path, refused)
+    for path in READ_ONLY_GETS:
         r.add_get(f"/sdapi/v1/{path}", proxy_get)
     for path in ("model_list", "module_list", "version", "control_types"):
         r.add_get(f"/controlnet/{path}", proxy_get)

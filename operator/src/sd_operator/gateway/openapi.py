@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from sd_operator import __version__
+from sd_operator.gateway.app import READ_ONLY_GETS, REFUSED
 from sd_operator.gateway.payload import GenerateRequest
 
 _GEN = {
@@ -16,6 +17,21 @@ _GEN = {
         "429": {"description": "queue full or rate limited (Retry-After)"},
     },
 }
+
+_OK = {"responses": {"200": {"description": "OK"}}}
+_WEBUI = {
+    "requestBody": {"content": {"application/json": {"schema": {"type": "object"}}}},
+    "responses": {"200": {"description": "the WebUI's own answer"}, "503": {"description": "no instance is ready"}},
+}
+_TASK = {
+    "requestBody": _WEBUI["requestBody"],
+    "responses": {
+        "200": {"description": "the WebUI's own answer"},
+        "429": {"description": "queue full or rate limited (Retry-After)"},
+    },
+}
+_REFUSED = {"responses": {"403": {"description": "what to do instead"}}}
+REFRESHED = ("loras", "vae", "embeddings")
 
 
 def document() -> dict[str, Any]:
@@ -50,6 +66,19 @@ def document() -> dict[str, Any]:
         "/v1/instances": get,
         "/sdapi/v1/progress": get,
         "/sdapi/v1/interrupt": {"post": {"responses": {"200": {"description": "OK"}}}},
+        "/sdapi/v1/skip": {"post": {"summary": "skip the current image of the caller's generations", **_OK}},
+        "/sdapi/v1/png-info": {
+            "post": {
+                **_WEBUI,
+                "summary": "png-info on any ready instance, outside the queues: {info, items, parameters}",
+            }
+        },
+        "/sdapi/v1/extra-single-image": {"post": {**_TASK, "summary": "extras (upscaling) on one image, queued"}},
+        "/sdapi/v1/extra-batch-images": {"post": {**_TASK, "summary": "extras (upscaling) on imageList, queued"}},
+        "/sdapi/v1/interrogate": {"post": {**_TASK, "summary": "a caption (model clip or deepdanbooru), queued"}},
+        **{f"/sdapi/v1/refresh-{what}": {"post": {"summary": "on every instance", **_OK}} for what in REFRESHED},
+        **{f"/sdapi/v1/{path}": get for path in READ_ONLY_GETS},
+        **{path: {"post": {"summary": "refused: " + why, **_REFUSED}} for path, why in REFUSED.items()},
         "/healthz": get,
         "/readyz": get,
         "/metrics": get,

@@ -20,6 +20,7 @@ from sd_operator.api.generation import (
     ControlNetType,
     find_preprocessor,
 )
+from sd_operator.gateway import budget
 from sd_operator.gateway.presets import CfgScale, Dimension, Preset, Steps, bounded
 
 DEFAULT_WIDTH = 512
@@ -328,30 +329,10 @@ def build_txt2img_payload(
     return _merge(body, req.extra)
 
 
-def _floor8(x: float) -> int:
-    return max(64, int(x) // 8 * 8)
-
-
 def describe_oom(width: int, height: int, batch_size: int, budget_pixels: int | None = None) -> str:
-    """What to change after a CUDA out-of-memory answer, with numbers the client can use as they are."""
-    load = width * height * batch_size
-    text = f"CUDA out of memory: {width}x{height} x batch {batch_size} = {load:,} pixels at once"
-    if budget_pixels:
-        text += f", this instance handles about {budget_pixels:,}"
-    tips = []
-    if batch_size > 1:
-        fits = max(1, min(batch_size - 1, (budget_pixels or 0) // (width * height)))
-        tips.append(f"lower batch_size to {fits} and raise n_iter to {math.ceil(batch_size / fits)} for as many images")
-    if budget_pixels and width * height > budget_pixels:
-        scale = math.sqrt(budget_pixels / (width * height))
-        tips.append(f"use a smaller size such as {_floor8(width * scale)}x{_floor8(height * scale)}")
-    half_w, half_h = _floor8(width / 2), _floor8(height / 2)
-    if (half_w, half_h) != (width, height):
-        tips.append(
-            f"generate at {half_w}x{half_h} with enable_hr and hr_scale 2 to get {half_w * 2}x{half_h * 2} "
-            "(hires fix upscales after the first pass)"
-        )
-    return text + ("; try: " + "; or ".join(tips) if tips else "") + "."
+    """What to change after a CUDA out-of-memory answer for width x height x batch_size, with numbers the client
+    can use as they are (budget.describe: requests with hires fix or init images have their own load)."""
+    return budget.describe(budget.plain_load(width, height, batch_size), budget_pixels)
 
 
 _AS_IS = frozenset({str, int, bool, type(None)})  # values _normalise returns unchanged (most of a body)
