@@ -557,7 +557,6 @@ def test_gateway_units_run_on_the_emulator_and_its_controlnet_routes_answer_thro
         assert set(body) == set(ROUTES[("GET", path)]["response"]), path
 
 
-@pytest.mark.xfail(strict=True, reason="gateway/app.py proxy_get forwards request.path without the query string")
 def test_gateway_passes_the_query_of_controlnet_gets(webui: dict[str, Path]) -> None:
     argv = ["--api", "--nowebui", "--ckpt", str(webui["ckpt"]), "--controlnet-dir", str(webui["cn_dir"])]
     config = cli.config_from_argv([*argv, "--speed", "0.001"])

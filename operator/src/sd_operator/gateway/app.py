@@ -514,8 +514,12 @@ async def proxy_get(request: web.Request) -> web.StreamResponse:
     backend = min(backends, key=lambda b: b.inflight)
     assert state.session is not None
     path = request.path if not request.path.startswith("/v1/") else "/sdapi/v1/loras"
+    # The caller's query goes along (e.g. ControlNet's ?alias_names), less the gateway's own ?model.
+    query = {k: v for k, v in request.query.items() if k != "model"}
     try:
-        async with state.session.get(f"{backend.url}{path}", timeout=aiohttp.ClientTimeout(total=30)) as upstream:
+        async with state.session.get(
+            f"{backend.url}{path}", params=query, timeout=aiohttp.ClientTimeout(total=30)
+        ) as upstream:
             data = await upstream.read()
             return web.Response(body=data, status=upstream.status, content_type=upstream.content_type)
     except (aiohttp.ClientError, TimeoutError):
