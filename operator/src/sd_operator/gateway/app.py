@@ -20,6 +20,7 @@ import aiohttp
 from aiohttp import web
 from pydantic import ValidationError
 
+from sd_operator.emulator.profiles import Family
 from sd_operator.gateway import budget
 from sd_operator.gateway import metrics as m
 from sd_operator.gateway.auth import ANONYMOUS, KeyStore, Tenant, presented_key
@@ -474,6 +475,24 @@ async def v1_generate(request: web.Request) -> web.StreamResponse:
         )
     except UnknownPreset as e:
         return error(404, str(e), "UnknownPreset")
+    unnamed = [i for i, unit in enumerate(req.control_units()) if not unit.model]
+    if unnamed:
+        # The recommended ControlNet models are SD 1.5's; the extension refuses them for another family and
+        # renders without control (still a 200), so a unit for another family must name its model.
+        try:
+            model = _model_for(state, request, {}, req.model)
+        except ModelNotReady as e:
+            model = e.model  # its family is known all the same; generate() answers the 503
+        except UnknownModel as e:
+            return unresolved(e)
+        family = state.registry.family(model)
+        if family != Family.SD15:
+            return error(
+                422,
+                f"controlnet unit(s) {unnamed}: the recommended ControlNet models are for SD 1.5, and {model} is "
+                f"{family.value}: name each unit's model (GET /controlnet/model_list?model={model} lists them)",
+                "ValidationError",
+            )
     payload = build_txt2img_payload(req, preset)
     if req.model:
         payload["override_settings"] = {**(payload.get("override_settings") or {}), "sd_model_checkpoint": req.model}

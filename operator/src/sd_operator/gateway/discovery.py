@@ -80,6 +80,7 @@ def declared_model(instance: dict[str, Any]) -> DeclaredModel | None:
         phase=status.get("phase"),
         message=ready.get("message") if ready.get("status") != "True" else None,
         reason=ready.get("reason"),
+        family=((instance.get("spec") or {}).get("model") or {}).get("family"),
         scalable=external or int(autoscaling.get("maxReplicas") or 0) > 0,
     )
 

@@ -50,6 +50,7 @@ class DeclaredModel:
     phase: str | None = None
     message: str | None = None
     reason: str | None = None  # of the Ready condition, e.g. ScaledToZero
+    family: str | None = None  # spec.model.family
     # At zero (or on the way) and a replica will come when there is demand (spec.autoscaling, or an external
     # autoscaler the instance names with the scale-from-zero annotation): requests wait instead of a 503.
     scalable: bool = False
@@ -118,6 +119,11 @@ class Registry:
         if waiting:
             raise ModelNotReady(name, waiting[0].model, sorted(waiting, key=lambda d: d.instance))
         raise UnknownModel(name, self.dispatcher.models())
+
+    def family(self, model: str) -> Family:
+        """The model's family: as its SDInstances declare it, else guessed from the name."""
+        declared = next((d.family for d in self.instances_of(model) if d.family), None)
+        return family_of(model, declared)
 
     def instances_of(self, model: str) -> list[DeclaredModel]:
         return sorted((d for d in self.declared.values() if d.model == model), key=lambda d: d.instance)
