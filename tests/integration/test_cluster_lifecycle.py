@@ -76,3 +76,55 @@ def test_up_with_a_fleet_file_then_down_leaves_nothing(tmp_path) -> None:
         stat = Path(f"/proc/{pid}/stat")
         assert not stat.exists() or stat.read_text().split(")")[-1].split()[0] == "Z", f"pid {pid} still runs"
     assert not any(_listening(p) for p in range(base, base + 6))
+
+
+def test_stop_and_start_the_api_server_of_a_running_cluster(tmp_path) -> None:
+    """`stop-component kube-apiserver` frees its port while etcd keeps running; `start-component` brings
+    it back on the same port, answering with the objects it had (an API server outage, for fault tests)."""
+    fleet = tmp_path / "fleet.yaml"
+    fleet.write_text("nodes:\n  - {name: n, count: 1}\n")
+    base = _free_port_base()
+    args = [sys.executable, str(SCRIPT)]
+    opts = ["--workdir", str(tmp_path / "c"), "--fleet", str(fleet), "--port-base", str(base)]
+    kubectl = [str(ROOT / ".local" / "bin" / "kubectl"), f"--kubeconfig={tmp_path / 'c' / 'kubeconfig'}"]
+
+    def run(*action: str) -> subprocess.CompletedProcess:
+        return subprocess.run([*args, *action, *opts], capture_output=True, text=True, check=False)
+
+    up = run("up")
+    assert up.returncode == 0, up.stderr
+    try:
+        state = json.loads((tmp_path / "c" / "state.json").read_text())
+        apiserver, etcd = state["ports"]["apiserver"], state["ports"]["etcd_client"]
+        etcd_pid = state["pids"]["etcd"]
+        made = subprocess.run([*kubectl, "create", "namespace", "kept"], capture_output=True, text=True, check=False)
+        assert made.returncode == 0, made.stderr
+
+        stopped = run("stop-component", "kube-apiserver")
+        assert stopped.returncode == 0, stopped.stderr
+        assert not _listening(apiserver) and _listening(etcd)
+        status = run("status").stdout
+        assert "kube-apiserver             stopped" in status and "etcd                       running" in status
+        down_api = subprocess.run([*kubectl, "get", "ns", "--request-timeout=2s"], capture_output=True, check=False)
+        assert down_api.returncode != 0
+        state = json.loads((tmp_path / "c" / "state.json").read_text())
+        assert "kube-apiserver" not in state["pids"] and state["stopped"] == ["kube-apiserver"]
+
+        started = run("start-component", "kube-apiserver")
+        assert started.returncode == 0, started.stderr
+        assert _listening(apiserver)
+        got = subprocess.run([*kubectl, "get", "ns", "kept", "-o", "name"], capture_output=True, text=True, check=False)
+        assert got.returncode == 0 and got.stdout.strip() == "namespace/kept", got.stderr
+        state = json.loads((tmp_path / "c" / "state.json").read_text())
+        # Same etcd; the API server recorded again, in the components' order (`down` stops in reverse).
+        assert state["pids"]["etcd"] == etcd_pid and state["stopped"] == []
+        assert list(state["pids"]) == ["etcd", "kube-apiserver", "kube-controller-manager", "kube-scheduler", "kwok"]
+        assert "stopped" not in run("status").stdout
+        again = run("start-component", "kube-apiserver")
+        assert again.returncode == 1 and "already running" in again.stderr
+        unknown = run("stop-component", "nope")
+        assert unknown.returncode == 1 and "unknown component" in unknown.stderr
+    finally:
+        down = run("down")
+    assert down.returncode == 0, down.stderr
+    assert not any(_listening(p) for p in range(base, base + 6))

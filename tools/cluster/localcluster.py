@@ -10,6 +10,10 @@ a network namespace later. Nothing listens on anything but the configured host (
 
     python tools/cluster/localcluster.py up [--fleet FILE] [--workdir DIR] [--port-base N]
     python tools/cluster/localcluster.py down|status [--workdir DIR]
+    python tools/cluster/localcluster.py stop-component|start-component NAME [--workdir DIR]
+
+`stop-component` / `start-component` stop and start one component of a running cluster (an API
+server or etcd outage, for fault tests), with the command line and ports `up` used.
 """
 
 from __future__ import annotations
@@ -490,19 +494,18 @@ class LocalCluster:
         ensure_pki(cfg)
         write_kubeconfig(cfg)
         pids: dict[str, int] = {}
-        state = {"ports": asdict(cfg.ports), "host": cfg.host, "pids": pids, "runner": cfg.runner}
+        state = {
+            "ports": asdict(cfg.ports),
+            "host": cfg.host,
+            "pids": pids,
+            "runner": cfg.runner,
+            "extra_args": cfg.extra_args,
+        }
         self._save_state(state)
         cmds = commands(cfg)
         try:
             for name in cfg.components:
-                if name == "kwok":
-                    # Leases left from an earlier run make a restarted kwok stall before it manages nodes.
-                    self.kubectl(
-                        "delete", "leases", "--all", "-n", "kube-node-lease", "--ignore-not-found", check=False
-                    )
-                pids[name] = self._spawn(name, cmds[name])
-                self._save_state(state)
-                self._wait_component(name)
+                self._start_one(name, cmds[name], state)
             self.apply_fleet(load_fleet(cfg.fleet_file, cfg.runner))
             if cfg.runner:
                 self.kubectl("apply", "-f", "-", input=json.dumps(STORAGE_CLASS))
@@ -516,6 +519,76 @@ class LocalCluster:
         except BaseException:
             self.down()
             raise
+
+    def _start_one(self, name: str, cmd: list[str], state: dict) -> None:
+        """Spawns one component, records its pid in the state file, and waits until it answers."""
+        if name == "kwok":
+            # Leases left from an earlier run make a restarted kwok stall before it manages nodes.
+            self.kubectl("delete", "leases", "--all", "-n", "kube-node-lease", "--ignore-not-found", check=False)
+        pids = state["pids"]
+        pids[name] = self._spawn(name, cmd)
+        # `down` stops in reverse order of `pids`: keep the components' order (also for a restarted one).
+        ordered = {n: pids[n] for n in self.cfg.components if n in pids}
+        pids.clear()
+        pids.update(ordered)
+        self._save_state(state)
+        self._wait_component(name)
+
+    def _running_config(self) -> tuple[dict, ClusterConfig]:
+        """The state of the running cluster, and its configuration as `up` wrote it (ports, host, runner)."""
+        state = self._state()
+        if "pids" not in state:
+            raise ClusterError(f"no cluster was started from {self.cfg.workdir}")
+        cfg = self.cfg
+        if "ports" in state:
+            cfg = ClusterConfig(
+                workdir=cfg.workdir,
+                bindir=cfg.bindir,
+                host=state.get("host", cfg.host),
+                ports=Ports(**state["ports"]),
+                fleet_file=cfg.fleet_file,
+                pod_cidr=cfg.pod_cidr,
+                service_cidr=cfg.service_cidr,
+                start_timeout=cfg.start_timeout,
+                extra_args=state.get("extra_args", cfg.extra_args),
+                runner=state.get("runner", cfg.runner),
+            )
+        return state, cfg
+
+    def stop_component(self, name: str, timeout: float = 15.0) -> None:
+        """Stops one component of the running cluster (SIGTERM, then SIGKILL) and waits until its port is
+        free; the others keep running. `start_component` brings it back with the same command line."""
+        state, cfg = self._running_config()
+        if name not in cfg.components:
+            raise ClusterError(f"unknown component {name!r}; one of {', '.join(cfg.components)}")
+        pid = state["pids"].get(name)
+        if pid and _pid_alive(pid):
+            _stop_group(pid, timeout)
+            if _pid_alive(pid):
+                raise ClusterError(f"could not stop {name} (pid {pid})")
+        port = _component_port(cfg, name)
+        if port is not None:
+            deadline = time.monotonic() + 5
+            while time.monotonic() < deadline and _port_open(cfg.host, port):
+                time.sleep(0.1)
+            if _port_open(cfg.host, port):
+                raise ClusterError(f"port {port} still bound after stopping {name}")
+        # Out of `pids` (a dead pid may be reused by another process), remembered as stopped for `status`.
+        state["pids"].pop(name, None)
+        state["stopped"] = sorted(set(state.get("stopped", [])) | {name})
+        self._save_state(state)
+
+    def start_component(self, name: str) -> None:
+        """Starts one stopped component of the running cluster again, as `up` started it, and waits until
+        it answers (etcd healthy, the API server ready, ...)."""
+        state, cfg = self._running_config()
+        if name not in cfg.components:
+            raise ClusterError(f"unknown component {name!r}; one of {', '.join(cfg.components)}")
+        pid = state["pids"].get(name)
+        if pid and _pid_alive(pid):
+            raise ClusterError(f"{name} is already running (pid {pid})")
+        state["stopped"] = [n for n in state.get("stopped", []) if n != name]
+        LocalCluster(cfg)._start_one(name, commands(cfg)[name], state)
 
     def _spawn(self, name: str, cmd: list[str]) -> int:
         log = open(self.cfg.workdir / "logs" / f"{name}.log", "ab")  # noqa: SIM115 - handed to the child
@@ -633,7 +706,37 @@ class LocalCluster:
 
     def status(self) -> dict:
         state = self._state()
-        return {name: ("running" if name in self.running() else "stopped") for name in state.get("pids", {})}
+        running = self.running()
+        names = [*state.get("pids", {}), *(n for n in state.get("stopped", []) if n not in state.get("pids", {}))]
+        return {name: ("running" if name in running else "stopped") for name in names}
+
+
+def _stop_group(pid: int, timeout: float) -> None:
+    """SIGTERM to a component's process group, SIGKILL after `timeout`, then waits a few seconds more."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(pid, signal.SIGTERM)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and _pid_alive(pid):
+        time.sleep(0.1)
+    if _pid_alive(pid):
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(pid, signal.SIGKILL)
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline and _pid_alive(pid):
+        time.sleep(0.1)
+
+
+def _component_port(cfg: ClusterConfig, name: str) -> int | None:
+    """The port a component listens on (None for the pod runner, which has none of its own)."""
+    pt = cfg.ports
+    return {
+        "etcd": pt.etcd_client,
+        "kube-apiserver": pt.apiserver,
+        "kube-controller-manager": pt.controller_manager,
+        "kube-scheduler": pt.scheduler,
+        "kwok": pt.kwok,
+        "modelserver": pt.models,
+    }.get(name)
 
 
 @contextlib.contextmanager
@@ -669,7 +772,8 @@ def temporary_cluster(
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("action", choices=["up", "down", "status", "clean"])
+    parser.add_argument("action", choices=["up", "down", "status", "clean", "stop-component", "start-component"])
+    parser.add_argument("component", nargs="?", help=f"for stop-component / start-component: one of {COMPONENTS}")
     parser.add_argument("--workdir", type=Path, default=Path(os.environ.get("SD_CLUSTER_DIR", DEFAULT_WORKDIR)))
     parser.add_argument("--bindir", type=Path, default=Path(os.environ.get("SD_BIN_DIR", DEFAULT_BINDIR)))
     parser.add_argument("--fleet", type=Path, default=Path(os.environ.get("SD_FLEET", DEFAULT_FLEET)))
@@ -708,6 +812,16 @@ def main(argv: list[str] | None = None) -> int:
         elif args.action == "down":
             cluster.down()
             print("cluster down: no component running, no port bound")
+        elif args.action in ("stop-component", "start-component"):
+            if not args.component:
+                parser.error(f"{args.action} needs a component name: one of {', '.join(cfg.components)}")
+            if args.action == "stop-component":
+                cluster.stop_component(args.component)
+                print(f"{args.component} stopped")
+            else:
+                start = time.monotonic()
+                cluster.start_component(args.component)
+                print(f"{args.component} running again in {time.monotonic() - start:.1f}s")
         elif args.action == "clean":
             cluster.down()
             shutil.rmtree(cfg.workdir, ignore_errors=True)
