@@ -3,20 +3,29 @@
 EndpointSlices of an SDInstance's Service carry the Service's labels (sd-operator.dev/instance), so
 one watch finds every ready WebUI pod. A backend is added from what the API says (model, checksum,
 GPU memory) without contacting the pod; it gets traffic only when a request for its model comes.
+
+When the API server goes away (an upgrade, an etcd outage) the gateway keeps serving the backends it
+knew: a failed watch or list never removes one. It says so once when the outage begins and once when it
+ends (log lines, and the sd_gateway_discovery_up / _stale_seconds gauges), retries with exponential
+backoff, and on reconnecting lists everything again, so that what changed meanwhile (a deleted
+EndpointSlice, a new SDInstance) is applied.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import threading
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from kubernetes import client, watch
 from kubernetes.client.rest import ApiException
 
 from sd_operator import API_GROUP, API_VERSION, kube
+from sd_operator.gateway import metrics
 from sd_operator.gateway.app import State
 from sd_operator.gateway.dispatch import Backend
 from sd_operator.gateway.registry import DeclaredModel, family_of, pixel_budget
@@ -27,6 +36,29 @@ from sd_operator.render.common import INSTANCE_LABEL
 SCALE_FROM_ZERO_ANNOTATION = f"{API_GROUP}/scale-from-zero"
 
 log = logging.getLogger("sd_operator.gateway.discovery")
+
+# Re-list and re-watch after a failure: the first retry after BACKOFF_FIRST, doubling up to BACKOFF_MAX.
+BACKOFF_FIRST = 0.25
+BACKOFF_MAX = 4.0
+WATCH_SECONDS = 300  # the server ends a watch after this; the next one resumes from the last resourceVersion
+LIST_TIMEOUT = 15.0
+
+
+def backoff_delays(first: float = BACKOFF_FIRST, cap: float = BACKOFF_MAX) -> Iterator[float]:
+    """first, 2*first, 4*first, ... capped at `cap` (pure)."""
+    delay = first
+    while True:
+        yield min(delay, cap)
+        delay = min(delay * 2, cap)
+
+
+def relist_events(known: set[tuple[str, str]], items: list[dict[str, Any]]) -> list[tuple[str, dict[str, Any]]]:
+    """The events that bring a view holding `known` up to a fresh list (pure): every listed object as
+    MODIFIED, and a DELETED for each known object the list no longer has (deleted while unwatched)."""
+    listed = {(i["metadata"].get("namespace", ""), i["metadata"]["name"]) for i in items}
+    gone = [(ns, name) for ns, name in sorted(known) if (ns, name) not in listed]
+    deleted = [("DELETED", {"metadata": {"namespace": ns, "name": name}}) for ns, name in gone]
+    return deleted + [("MODIFIED", i) for i in items]
 
 
 def backends_from_slice(slice_: dict[str, Any], instance: dict[str, Any] | None, inflight: int) -> list[Backend]:
@@ -94,11 +126,19 @@ class KubeDiscovery:
         self.by_slice: dict[tuple[str, str], list[Backend]] = {}
         self.loop: asyncio.AbstractEventLoop | None = None
         self.stop = threading.Event()
+        # The API server's reachability, as the watch threads see it: an outage begins when the first
+        # watch fails and ends when every failed one has listed again.
+        self._lock = threading.Lock()
+        self._failing: dict[str, str] = {}
+        self._down_since: float | None = None
+        self._synced: set[str] = set()
+        self._watches: set[str] = set()
 
     async def run(self) -> None:
         self.loop = asyncio.get_running_loop()
         api = kube.api_client()
         custom, discovery = client.CustomObjectsApi(api), client.DiscoveryV1Api(api)
+        metrics.track_discovery(self.up, self.stale_seconds)
         threads = []
         for ns in self.namespaces:
             if ns:
@@ -109,7 +149,11 @@ class KubeDiscovery:
             else:
                 instances = self._lister(custom.list_cluster_custom_object, API_GROUP, API_VERSION, "sdinstances")
                 slices = self._lister(discovery.list_endpoint_slice_for_all_namespaces, label_selector=INSTANCE_LABEL)
-            threads += [self._watch(instances, self._on_instance), self._watch(slices, self._on_slice)]
+            where = ns or "all namespaces"
+            threads += [
+                self._watch(instances, self._on_instance, f"SDInstances in {where}"),
+                self._watch(slices, self._on_slice, f"EndpointSlices in {where}"),
+            ]
         try:
             await asyncio.Event().wait()
         finally:
@@ -123,23 +167,98 @@ class KubeDiscovery:
         call.__doc__ = fn.__doc__  # the watch helper inspects it for the return type
         return call
 
-    def _watch(self, lister: Callable[..., Any], handler: Callable[[str, dict[str, Any]], None]) -> threading.Thread:
+    def up(self) -> bool:
+        """Every watch has listed, and none has failed since."""
+        with self._lock:
+            return self._down_since is None and bool(self._watches) and self._synced >= self._watches
+
+    def stale_seconds(self) -> float:
+        """How long the backends have been what the API server said last (0 while it answers)."""
+        with self._lock:
+            return 0.0 if self._down_since is None else time.monotonic() - self._down_since
+
+    def _lost(self, what: str, why: str) -> None:
+        with self._lock:
+            self._failing[what] = why
+            if self._down_since is not None:
+                return
+            self._down_since = time.monotonic()
+        kept = sum(len(b) for b in list(self.by_slice.values()))
+        log.warning(
+            "discovery lost the Kubernetes API (%s: %s); serving the %d last known backends until it is back",
+            what,
+            why,
+            kept,
+        )
+
+    def _reached(self, what: str) -> None:
+        with self._lock:
+            self._synced.add(what)
+            self._failing.pop(what, None)
+            if self._down_since is None or self._failing:
+                return
+            lasted, self._down_since = time.monotonic() - self._down_since, None
+        log.warning("discovery reached the Kubernetes API again after %.1fs; listed everything again", lasted)
+
+    def _emit(self, handler: Callable[[str, dict[str, Any]], None], kind: str, body: dict[str, Any]) -> None:
+        assert self.loop is not None
+        self.loop.call_soon_threadsafe(handler, kind, body)
+
+    def _watch(
+        self, lister: Callable[..., Any], handler: Callable[[str, dict[str, Any]], None], what: str
+    ) -> threading.Thread:
+        """List, then watch from the list's resourceVersion; after a failure, back off and list again. A
+        failed list or watch changes nothing: the backends stay what the last successful one said."""
+        with self._lock:
+            self._watches.add(what)
+
         def loop() -> None:
+            known: set[tuple[str, str]] = set()
+            version: str | None = None  # None: list (again) before watching
+            delays = backoff_delays()
             while not self.stop.is_set():
                 try:
-                    for event in watch.Watch().stream(lister, timeout_seconds=300, _request_timeout=330):
-                        obj = event["object"]
-                        body = obj if isinstance(obj, dict) else kube.api_client().sanitize_for_serialization(obj)
-                        assert self.loop is not None
-                        self.loop.call_soon_threadsafe(handler, event["type"], body)
+                    if version is None:
+                        listed = json.loads(lister(_preload_content=False, _request_timeout=LIST_TIMEOUT).data)
+                        items = listed.get("items") or []
+                        for kind, body in relist_events(known, items):
+                            self._emit(handler, kind, body)
+                        known = {(i["metadata"].get("namespace", ""), i["metadata"]["name"]) for i in items}
+                        version = listed["metadata"]["resourceVersion"]
+                        self._reached(what)
+                        delays = backoff_delays()
+                    stream = watch.Watch().stream(
+                        lister,
+                        resource_version=version,
+                        timeout_seconds=WATCH_SECONDS,
+                        _request_timeout=WATCH_SECONDS + 30,
+                        deserialize=False,
+                    )
+                    for event in stream:
+                        kind, body = event["type"], event["object"]
+                        if kind not in ("ADDED", "MODIFIED", "DELETED"):
+                            continue
+                        meta = body["metadata"]
+                        version = meta.get("resourceVersion") or version
+                        key = (meta.get("namespace", ""), meta["name"])
+                        if kind == "DELETED":
+                            known.discard(key)
+                        else:
+                            known.add(key)
+                        self._emit(handler, kind, body)
                         if self.stop.is_set():
                             return
+                    # The server ended the watch (its timeout, or a shutdown): resume from the last version.
                 except ApiException as e:
-                    log.warning("discovery watch failed (%s); restarting", e.status)
-                    self.stop.wait(2)
+                    version = None
+                    if e.status == 410:  # the version is too old to resume from: list again, now
+                        continue
+                    self._lost(what, f"HTTP {e.status} {e.reason}")
+                    self.stop.wait(next(delays))
                 except Exception as e:
-                    log.warning("discovery watch error %s; restarting", e.__class__.__name__)
-                    self.stop.wait(2)
+                    version = None
+                    self._lost(what, e.__class__.__name__)
+                    self.stop.wait(next(delays))
 
         thread = threading.Thread(target=loop, daemon=True, name="sd-gateway-discovery")
         thread.start()

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
@@ -49,6 +51,28 @@ errors = Counter("sd_gateway_errors_total", "Errors by kind", ["kind"], registry
 ejections = Counter(
     "sd_gateway_backend_ejections_total", "Instances taken out after failures", ["model"], registry=REGISTRY
 )
+
+# Kubernetes discovery's view of the API server; registered by track_discovery (a gateway with a static
+# backends file has no discovery to report on).
+discovery_up = Gauge(
+    "sd_gateway_discovery_up",
+    "1 while Kubernetes discovery watches the API server; 0 while it cannot (the last known backends are served)",
+    registry=None,
+)
+discovery_stale_seconds = Gauge(
+    "sd_gateway_discovery_stale_seconds",
+    "Seconds since Kubernetes discovery last reached the API server (0 while it does)",
+    registry=None,
+)
+
+
+def track_discovery(up: Callable[[], bool], stale_seconds: Callable[[], float]) -> None:
+    """Reports a discovery's state at scrape time (the gauges read the two functions)."""
+    discovery_up.set_function(lambda: 1.0 if up() else 0.0)
+    discovery_stale_seconds.set_function(stale_seconds)
+    for gauge in (discovery_up, discovery_stale_seconds):
+        with contextlib.suppress(ValueError):  # registered by an earlier discovery in this process
+            REGISTRY.register(gauge)
 
 
 @functools.lru_cache(maxsize=4096)
