@@ -1,8 +1,9 @@
 """Benchmark: N SDInstances on a local cluster with N fake GPU nodes.
 
 Measures the time until every instance has its children, the time until every one is Ready, the
-API requests the operator makes per reconcile (from the apiserver's audit log, by user agent), the
-operator's peak memory, and the requests it makes per minute when nothing changes.
+API requests the operator makes per instance (from the apiserver's audit log, by user agent; in total and
+by verb and resource), the operator's peak memory, and the requests it makes per minute when nothing
+changes.
 
     .venv/bin/python bench/sdinstances.py [--count 200] [--idle-seconds 60]
 """
@@ -107,7 +108,7 @@ def main() -> int:
     audit_log = work / "audit.log"
     extra = {"kube-apiserver": [f"--audit-policy-file={policy}", f"--audit-log-path={audit_log}",
                                 "--audit-log-format=json", "--audit-log-maxsize=0"]}  # fmt: skip
-    results: dict[str, Any] = {"instances": n}
+    results: dict[str, Any] = {"instances": n, "workdir": str(work)}  # the audit and operator logs stay there
     with localcluster.temporary_cluster(fleet_file=fleet, extra_args=extra) as cluster:
         kubeconfig = cluster.cfg.kubeconfig
         cluster.kubectl("apply", "--server-side", "-f", str(ROOT / "crds"))
@@ -158,7 +159,9 @@ def main() -> int:
             results["operator_requests_until_ready"] = sum(busy.values())
             results["operator_requests_per_instance"] = round(sum(busy.values()) / n, 2)
             results["operator_requests_by_kind"] = dict(busy.most_common())
+            results["operator_requests_per_instance_by_kind"] = {k: round(v / n, 2) for k, v in busy.most_common()}
             results["operator_writes_per_instance"] = round(sum(writes.values()) / n, 2)
+            results["status_patches_per_instance"] = round(busy["patch sdinstances/status"] / n, 2)
             t_idle = time.time()
             time.sleep(args.idle_seconds)
             time.sleep(2)

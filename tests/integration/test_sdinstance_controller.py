@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import subprocess
+import time
 
 import pytest
 import requests
@@ -211,3 +212,54 @@ def test_user_labels_reach_children_but_gitops_tracking_labels_do_not(
     wait_phase(custom, namespace, "lbl", "Ready")
     labels = cluster.apps.read_namespaced_deployment("lbl-webui", namespace).metadata.labels
     assert labels["team"] == "art" and "app.kubernetes.io/instance" not in labels
+
+
+def _applied_lines(operator: Operator, namespace: str, name: str) -> list[str]:
+    """The operator's log lines of the applies for one instance (one per reconcile that applied children)."""
+    prefix = f"[{namespace}/{name}] applied SDInstance children"
+    return [line for line in operator.log().splitlines() if line.startswith(prefix)]
+
+
+def test_children_are_applied_once_per_generation_and_a_child_deleted_by_hand_returns_with_the_next(
+    cluster: Cluster, operator: Operator, custom: client.CustomObjectsApi, namespace: str, gpu_pool: str
+) -> None:
+    custom.create_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, sdi("once", gpu_pool))
+    first = wait_phase(custom, namespace, "once", "Ready")
+    time.sleep(3)  # the events of the status writes (each one a reconcile) have long been handled
+    (line,) = _applied_lines(operator, namespace, "once")
+    for child in ("ConfigMap", "Deployment", "NetworkPolicy", "Service"):
+        assert f"{child}/once-webui" in line
+    # Unchanged children are not applied again, and an unchanged status is not written again.
+    assert get(custom, namespace, "once")["metadata"]["resourceVersion"] == first["metadata"]["resourceVersion"]
+
+    # Deleted by hand: back with the next spec change (a new generation applies every child again).
+    cluster.core.delete_namespaced_service("once-webui", namespace)
+    custom.patch_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, "once", {"spec": {"replicas": 0}})
+    wait_for(
+        lambda: cluster.core.list_namespaced_service(namespace, field_selector="metadata.name=once-webui").items,
+        timeout=30,
+        what="the deleted Service to be applied again",
+    )
+    obj = wait_phase(custom, namespace, "once", "Ready")
+    assert obj["status"]["ready"] == "0/0" and obj["status"]["observedGeneration"] == 2
+    assert len(_applied_lines(operator, namespace, "once")) == 2
+
+
+def test_a_label_change_reaches_the_children_without_a_spec_change(
+    cluster: Cluster, operator: Operator, custom: client.CustomObjectsApi, namespace: str, gpu_pool: str
+) -> None:
+    custom.create_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, sdi("relabel", gpu_pool))
+    wait_phase(custom, namespace, "relabel", "Ready")
+    custom.patch_namespaced_custom_object(
+        GROUP, VERSION, namespace, PLURAL, "relabel", {"metadata": {"labels": {"team": "art"}}}
+    )
+    wait_for(
+        lambda: (
+            (cluster.core.read_namespaced_service("relabel-webui", namespace).metadata.labels or {}).get("team")
+            == "art"
+        ),
+        timeout=30,
+        what="the new label on the Service",
+    )
+    assert cluster.apps.read_namespaced_deployment("relabel-webui", namespace).metadata.labels["team"] == "art"
+    assert get(custom, namespace, "relabel")["metadata"]["generation"] == 1

@@ -32,6 +32,9 @@ def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
     settings.watching.server_timeout = 300
     settings.watching.client_timeout = 330
     settings.networking.request_timeout = 60
+    # Threads for the synchronous handlers (kopf's default: CPUs + 4). Their work is mostly waiting for the
+    # API server; as many as the API client's connection pool holds (CPUs x 5) keep it busy.
+    settings.execution.max_workers = kube.api_client().configuration.connection_pool_maxsize
     # The only ConfigMaps the operator reads are the gateways' demand reports: a server-side selector keeps
     # every other ConfigMap of the cluster out of its watch (kopf's labels= filters only on arrival).
     settings.watching.label_selectors["configmaps"] = f"{DEMAND_LABEL}=true"

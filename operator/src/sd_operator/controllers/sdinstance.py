@@ -1,15 +1,31 @@
 """SDInstance controller: spec -> children (server-side apply), children -> status.
 
-Level-based and idempotent: every reconcile renders all children from the spec and applies them.
-Status comes from the pods through an index (no polling): each pod change recomputes the owning
-instance's status and patches it only when it differs from what was last written.
+Level-based: every event of an SDInstance (and a retry after a failure) runs `reconcile`, which renders
+all children and applies those this process has not applied yet as rendered: all of them for a new
+generation and on first sight after a start (a spec change re-applies every child, so one deleted by
+hand comes back then), within a generation only a child whose rendering changed (the owner's labels,
+say). The events of an instance's own status writes therefore cost no request. kopf writes nothing to
+SDInstances (but the finalizer of the autoscaler's timer): there are no create/update/resume handlers,
+so no last-handled annotation to patch after each, and no handler that kopf could run twice (under load
+it re-ran the create handler on the stale event of the status written during the handler: its own
+annotation patch, though already received, was checked for only after its 5 s consistency timeout,
+while the indexing of that stale event waited for a free handler thread). A failed reconcile is retried
+with backoff, and posted as a Warning Event.
+
+Status comes from the pods through an index (no polling): a pod change, and a reconcile that applied
+children, schedule a refresh of the instance's status a moment later (the changes of that moment make
+one write: a new instance whose pod starts at once gets one status write, Ready, not one per step),
+which patches it only when it differs from what was last written.
 """
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
+import contextvars
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Hashable, Iterable, Mapping
 from typing import Any
 
 import kopf
@@ -19,9 +35,9 @@ from sd_operator import API_GROUP, API_VERSION, kube
 from sd_operator.api.sdinstance import Phase, SDInstanceSpec
 from sd_operator.controllers.scalestore import ScaleStore
 from sd_operator.controllers.sdinstance_status import derive_status, pod_view
-from sd_operator.controllers.statusmemo import StatusMemo
+from sd_operator.controllers.statusmemo import AppliedMemo, Backoff, Pending, StatusMemo
 from sd_operator.metrics import instrumented
-from sd_operator.render.common import INSTANCE_LABEL, owner_object
+from sd_operator.render.common import INSTANCE_LABEL, owner_object, rendered_hash
 from sd_operator.render.sdinstance import RenderSettings, render_all
 from sd_operator.settings import operator_settings
 
@@ -29,9 +45,20 @@ PLURAL = "sdinstances"
 KIND = "SDInstance"
 CONTROLLER = f"{PLURAL}.{API_GROUP}"
 WARNING_PHASES = {Phase.FAILED.value, Phase.DEGRADED.value}
+# A status refresh runs once the instance's pods have not changed for this long (but at the latest
+# STATUS_COALESCE_CAP_SECONDS after the first change): a pod's quick steps (created, scheduled, started)
+# make one status write instead of one each.
+STATUS_COALESCE_SECONDS = 1.0
+STATUS_COALESCE_CAP_SECONDS = 5.0
 
+log = logging.getLogger("sd_operator.sdinstance")
+Logger = logging.Logger | logging.LoggerAdapter[Any]
+Index = Mapping[Any, Iterable[dict[str, Any]]]  # a kopf.Index (or a dict of lists, in tests)
 _memo = StatusMemo()
 scaling = ScaleStore()  # autoscaled instances (controllers/autoscaler.py changes their counts)
+_applied = AppliedMemo()
+_status_pending, _retry_pending = Pending(), Pending()
+_status_backoff, _retry_backoff = Backoff(first=2.0), Backoff()
 
 
 def parse_spec(spec: Any) -> SDInstanceSpec:
@@ -49,64 +76,192 @@ def render_settings() -> RenderSettings:
     )
 
 
-def _owner(body: kopf.Body) -> dict[str, Any]:
-    meta = body.meta
-    return owner_object(KIND, meta["namespace"], meta["name"], meta["uid"], dict(meta.get("labels") or {}))
+def child_id(child: dict[str, Any]) -> str:
+    return f"{child['kind']}/{child['metadata']['name']}"
 
 
-# ---------------------------------------------------------------------------------------------
-# Indexes: what the status needs, kept current by watches.
+def child_hash(child: dict[str, Any], autoscaled: bool) -> str:
+    """The rendered child's hash. An autoscaled Deployment's count is the autoscaler's to change (it patches
+    it under the instance's lock): a changed count alone is no reason to apply the Deployment again."""
+    ignore = [("spec", "replicas")] if autoscaled and child["kind"] == "Deployment" else []
+    return rendered_hash(child, ignore)
 
 
-@kopf.index(API_GROUP, API_VERSION, PLURAL)
-def sdinstances_by_name(namespace: str, name: str, body: kopf.Body, **_: Any) -> dict[Any, Any]:
+def _ref(namespace: str, name: str, uid: str | None) -> dict[str, Any]:
     return {
-        (namespace, name): {
-            "uid": body.meta.get("uid"),
-            "spec": dict(body.spec),
-            "status": dict(body.status),
-            "generation": body.meta.get("generation"),
-        }
+        "apiVersion": f"{API_GROUP}/{API_VERSION}",
+        "kind": KIND,
+        "metadata": {"name": name, "namespace": namespace, "uid": uid},
     }
 
 
+# ---------------------------------------------------------------------------------------------
+# Indexes: what the reconcile and the status need, kept current by watches. Async: they run in the
+# event loop as the events arrive, never queued behind handlers waiting for a thread.
+
+
+def instance_view(body: kopf.Body) -> dict[str, Any]:
+    """What the controllers need of an SDInstance (also the value of its index)."""
+    meta = body.meta
+    return {
+        "uid": meta.get("uid"),
+        "spec": dict(body.spec),
+        "status": dict(body.status),
+        "generation": meta.get("generation"),
+        "labels": dict(meta.get("labels") or {}),
+        "deleting": bool(meta.get("deletionTimestamp")),
+    }
+
+
+@kopf.index(API_GROUP, API_VERSION, PLURAL)
+async def sdinstances_by_name(namespace: str, name: str, body: kopf.Body, **_: Any) -> dict[Any, Any]:
+    return {(namespace, name): instance_view(body)}
+
+
 @kopf.index("pods", labels={INSTANCE_LABEL: kopf.PRESENT})
-def instance_pods(namespace: str, labels: kopf.Labels, body: kopf.Body, **_: Any) -> dict[Any, Any]:
+async def instance_pods(namespace: str, labels: kopf.Labels, body: kopf.Body, **_: Any) -> dict[Any, Any]:
     return {(namespace, labels[INSTANCE_LABEL]): pod_view(dict(body))}
+
+
+# ---------------------------------------------------------------------------------------------
+# Delayed calls (status refreshes, retries) run in the threads of kopf's synchronous handlers.
+
+_loop: asyncio.AbstractEventLoop | None = None
+_executor: concurrent.futures.Executor | None = None
+
+
+@kopf.on.startup()
+async def _bind_loop(settings: kopf.OperatorSettings, **_: Any) -> None:
+    global _loop, _executor  # the one event loop of the operator, and its handler threads
+    _loop, _executor = asyncio.get_running_loop(), settings.execution.executor
+
+
+def later(
+    pending: Pending,
+    key: Hashable,
+    delay: float,
+    fn: Callable[[], None],
+    backoff: Backoff | None = None,
+    cap: float | None = None,
+) -> None:
+    """Runs `fn` in a thread `delay` seconds from now, once for every request for `key` made meanwhile;
+    with a `cap`, each request postpones it to `delay` after itself, up to `cap` after the first. When
+    `fn` fails, it runs again after the key's `backoff` (if given; else the failure is only logged).
+    Callable from any thread."""
+    if not pending.request(key, time.monotonic(), delay, cap):
+        return
+    context = contextvars.copy_context()  # kopf's event poster, for the Events fn posts
+    loop = _loop
+    if loop is None:  # not in the operator (no event loop bound): now, and failures go to the caller
+        pending.release_if_due(key, float("inf"))
+        context.run(fn)
+        return
+
+    def run() -> None:
+        try:
+            context.run(fn)
+        except Exception as e:
+            if backoff is None:
+                log.exception("%s failed", key)
+                return
+            retry = backoff.failed(key)
+            log.warning("%s failed (%s: %s); again in %.0fs", key, type(e).__name__, e, retry)
+            later(pending, key, retry, fn, backoff)
+        else:
+            if backoff is not None:
+                backoff.succeeded(key)
+
+    def fire() -> None:  # in the event loop
+        wait = pending.release_if_due(key, time.monotonic())
+        if wait is None:
+            loop.run_in_executor(_executor, run)
+        else:
+            loop.call_later(wait, fire)
+
+    loop.call_soon_threadsafe(loop.call_later, delay, fire)
 
 
 # ---------------------------------------------------------------------------------------------
 # Reconcile: spec -> children
 
 
-@kopf.on.resume(API_GROUP, API_VERSION, PLURAL)
-@kopf.on.create(API_GROUP, API_VERSION, PLURAL)
-@kopf.on.update(API_GROUP, API_VERSION, PLURAL, field="spec")
-@instrumented(CONTROLLER)
-def reconcile(
+@kopf.on.event(API_GROUP, API_VERSION, PLURAL)
+def sdinstance_event(
+    event: dict[str, Any],
     body: kopf.Body,
-    spec: kopf.Spec,
     name: str,
     namespace: str,
     logger: logging.Logger,
     instance_pods: kopf.Index,
+    sdinstances_by_name: kopf.Index,
     **_: Any,
 ) -> None:
-    parsed = parse_spec(spec)
     key = (namespace, name)
+    if event["type"] == "DELETED":
+        forget(key)  # children go with the owner (garbage collector); only the local memory needs cleaning
+        return
+    view = instance_view(body)
+    if not view["deleting"]:
+        reconcile_or_retry(key, view, logger, sdinstances_by_name, instance_pods)
+
+
+def reconcile_or_retry(
+    key: tuple[str, str], view: dict[str, Any], logger: Logger, instances: Index, pods: Index
+) -> None:
+    """Reconciles; a failure is logged and posted as a Warning Event, and retried with backoff (a spec the
+    operator cannot read is not: the next spec change brings another reconcile)."""
+    ref = _ref(key[0], key[1], view["uid"])
+    try:
+        reconcile(key, view, logger, instances, pods)
+    except kopf.PermanentError as e:
+        _retry_backoff.succeeded(key)
+        logger.error("%s", e)
+        kopf.event(ref, type="Warning", reason="InvalidSpec", message=str(e))
+    except Exception as e:
+        delay = _retry_backoff.failed(key)
+        logger.error("reconcile failed (%s: %s); again in %.0fs", type(e).__name__, e, delay)
+        kopf.event(ref, type="Warning", reason="ReconcileError", message=f"{type(e).__name__}: {e}")
+        later(_retry_pending, key, delay, lambda: _retry(key, instances, pods))
+    else:
+        _retry_backoff.succeeded(key)
+
+
+def _retry(key: tuple[str, str], instances: Index, pods: Index) -> None:
+    """A failed reconcile, again, with the instance as the index has it now (nothing if it is gone)."""
+    if key not in instances:
+        return
+    (view,) = instances[key]
+    if not view["deleting"]:
+        reconcile_or_retry(key, view, log, instances, pods)
+
+
+@instrumented(CONTROLLER)
+def reconcile(key: tuple[str, str], view: dict[str, Any], logger: Logger, instances: Index, pods: Index) -> None:
+    """Applies the children that need it (server-side apply); when it applied any, or the spec's generation
+    is not yet the status's observedGeneration, asks for a status refresh."""
+    namespace, name = key
+    parsed = parse_spec(view["spec"])
+    uid, generation = view["uid"], view["generation"]
     # Under the instance's lock: the autoscaler changes the Deployment's count under it too, so this
     # apply never puts back a count it just replaced.
     with _memo.lock(key):
-        item = scaling.get(key, parsed, dict(body.status), time.monotonic())
+        item = scaling.get(key, parsed, view["status"], time.monotonic())
         replicas = item.state.desired if item else None
-        for child in render_all(_owner(body), parsed, render_settings(), replicas):
-            kube.apply(child)
-    logger.info("applied %s children for model %s", KIND, parsed.model.checkpoint.name)
-    # Written now, under the instance's lock, not through kopf's `patch`: kopf sends that after the
-    # handler returns, and a newer status written meanwhile by a pod event would be overwritten by
-    # this older view. kopf runs this handler again only once its own patched version arrives
-    # (settings.persistence.consistency_timeout), so the status event in between does not re-trigger it.
-    refresh_status(namespace, name, parsed, body, lambda: list(instance_pods.get((namespace, name), [])))
+        owner = owner_object(KIND, namespace, name, uid, view["labels"])
+        children = {child_id(c): c for c in render_all(owner, parsed, render_settings(), replicas)}
+        hashes = {cid: child_hash(c, autoscaled=item is not None) for cid, c in children.items()}
+        todo = _applied.plan(key, uid, generation, hashes)
+        for cid in todo:
+            kube.apply(children[cid])
+            _applied.remember(key, uid, generation, cid, hashes[cid])
+        _applied.completed(key, uid, generation)
+        observed = (_memo.last(key) or view["status"]).get("observedGeneration")
+    if todo:
+        logger.info("applied %s children for model %s: %s", KIND, parsed.model.checkpoint.name, ", ".join(sorted(todo)))
+    if todo or observed != generation:
+        # Coalesced with the pod changes that follow (a new instance's pods often start within it): one
+        # status write where the phases of the first second would each have taken one.
+        request_status(key, instances, pods)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -114,23 +269,42 @@ def reconcile(
 
 
 @kopf.on.event("pods", labels={INSTANCE_LABEL: kopf.PRESENT})
-def pod_changed(
+async def pod_changed(
     namespace: str,
     labels: kopf.Labels,
     instance_pods: kopf.Index,
     sdinstances_by_name: kopf.Index,
     **_: Any,
 ) -> None:
-    instance = labels[INSTANCE_LABEL]
-    key = (namespace, instance)
-    if key not in sdinstances_by_name:
-        return  # the instance is gone; its pods follow through garbage collection
-    (indexed,) = sdinstances_by_name[key]
+    key = (namespace, labels[INSTANCE_LABEL])
+    if key in sdinstances_by_name:  # else the instance is gone; its pods follow through garbage collection
+        request_status(key, sdinstances_by_name, instance_pods)
+
+
+def request_status(key: tuple[str, str], instances: Index, pods: Index) -> None:
+    """A status refresh once the instance is quiet for STATUS_COALESCE_SECONDS (joining one pending)."""
+    later(
+        _status_pending,
+        key,
+        STATUS_COALESCE_SECONDS,
+        lambda: _refresh_from_index(key, instances, pods),
+        _status_backoff,
+        STATUS_COALESCE_CAP_SECONDS,
+    )
+
+
+def _refresh_from_index(key: tuple[str, str], instances: Index, pods: Index) -> None:
+    """The status from the pods and the instance as the indexes have them when this runs. Its
+    observedGeneration: the generation whose children this process has all applied (if it knows one)."""
+    if key not in instances:
+        return
+    (indexed,) = instances[key]
     try:
         parsed = SDInstanceSpec.model_validate(indexed["spec"])
     except ValidationError:
         return  # reconcile reports the problem
-    refresh_status(namespace, instance, parsed, None, lambda: list(instance_pods.get(key, [])), indexed)
+    observed = _applied.observed(key)
+    refresh_status(key[0], key[1], parsed, None, lambda: list(pods.get(key, [])), indexed, observed)
 
 
 def refresh_status(
@@ -140,15 +314,17 @@ def refresh_status(
     body: kopf.Body | None,
     pods: Callable[[], list[dict[str, Any]]],
     indexed: dict[str, Any] | None = None,
+    generation: int | None = None,
 ) -> None:
     """Derives the status and writes it (PATCH of the status subresource) if it changed; posts an
-    Event when the phase changes."""
+    Event when the phase changes. From `body`, or else from `indexed` (an instance_view) and
+    `generation` (the spec generation the children were applied from; None keeps observedGeneration)."""
     if body is not None:
         previous, generation = dict(body.status), body.meta.get("generation")
         uid = body.meta.get("uid")
     else:
         assert indexed is not None
-        previous, generation, uid = indexed["status"], None, indexed["uid"]
+        previous, uid = indexed["status"], indexed["uid"]
     key = (namespace, name)
     # Handlers of different pods run in parallel threads: one instance's status is derived and written
     # by one of them at a time, from the index as it is then, so an older view never overwrites a newer.
@@ -161,13 +337,8 @@ def refresh_status(
         kube.patch_status(f"{API_GROUP}/{API_VERSION}", KIND, namespace, name, status)
         _memo.remember(key, status)
     if status["phase"] != last.get("phase"):
-        ref = {
-            "apiVersion": f"{API_GROUP}/{API_VERSION}",
-            "kind": KIND,
-            "metadata": {"name": name, "namespace": namespace, "uid": uid},
-        }
         kind = "Warning" if status["phase"] in WARNING_PHASES else "Normal"
-        kopf.event(ref, type=kind, reason=status["phase"], message=status["message"])
+        kopf.event(_ref(namespace, name, uid), type=kind, reason=status["phase"], message=status["message"])
 
 
 def _same(a: dict[str, Any], b: dict[str, Any]) -> bool:
@@ -181,8 +352,10 @@ def _same(a: dict[str, Any], b: dict[str, Any]) -> bool:
     return strip(a) == strip(b)
 
 
-@kopf.on.delete(API_GROUP, API_VERSION, PLURAL, optional=True)
-def forget(namespace: str, name: str, **_: Any) -> None:
-    """Children go with the owner (garbage collector); only the local cache needs cleaning."""
-    _memo.forget((namespace, name))
-    scaling.forget((namespace, name))
+def forget(key: tuple[str, str]) -> None:
+    """The instance is gone: forget what this process remembers of it."""
+    _memo.forget(key)
+    _applied.forget(key)
+    scaling.forget(key)
+    _retry_backoff.succeeded(key)
+    _status_backoff.succeeded(key)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+from collections.abc import Iterable
 from typing import Any
 
 from sd_operator import API_GROUP, API_VERSION
@@ -62,6 +63,24 @@ def content_hash(*parts: Any) -> str:
     """A stable short hash of rendered content: put on a pod template, a change rolls the pods."""
     blob = json.dumps(parts, sort_keys=True, default=str).encode()
     return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def rendered_hash(obj: dict[str, Any], ignore: Iterable[tuple[str, ...]] = ()) -> str:
+    """A stable hash of a rendered child, without the fields at the `ignore` paths (fields another writer
+    sets, such as the autoscaler's count of an autoscaled Deployment): equal hashes, same apply."""
+    for path in ignore:
+        obj = _without(obj, path)
+    return content_hash(obj)
+
+
+def _without(obj: dict[str, Any], path: tuple[str, ...]) -> dict[str, Any]:
+    """A copy of `obj` without the field at `path` (only the dicts along the path are copied)."""
+    if not path or not isinstance(obj, dict) or path[0] not in obj:
+        return obj
+    head, rest = path[0], path[1:]
+    if not rest:
+        return {k: v for k, v in obj.items() if k != head}
+    return {**obj, head: _without(obj[head], rest)}
 
 
 def restricted_security_context() -> dict[str, Any]:
