@@ -11,11 +11,13 @@ import signal
 import socket
 import subprocess
 import sys
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
 import requests
 from kubernetes import client, config
+from kubernetes.client.rest import ApiException
 
 from helpers import wait_for
 
@@ -116,3 +118,40 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def wait_control_plane_settled(cluster: Cluster, timeout: float = 150) -> None:
+    """After an API server or etcd outage, waits until the controller-manager works again: a new
+    namespace gets its default ServiceAccount. The controller-manager and the scheduler reconnect by
+    themselves, but client-go's reflectors back off up to 30 s between attempts; a test that stopped a
+    component waits for this so that the next test does not meet a half-recovered cluster."""
+    core = cluster.core
+    name = f"settle-{uuid.uuid4().hex[:8]}"
+
+    def created() -> bool:
+        try:
+            core.create_namespace(client.V1Namespace(metadata=client.V1ObjectMeta(name=name)))
+            return True
+        except ApiException as e:
+            if e.status == 409:
+                return True
+            if e.status >= 500:
+                return False
+            raise
+        except Exception:  # the API server still starting: connection refused or reset
+            return False
+
+    def has_default_sa() -> bool:
+        try:
+            core.read_namespaced_service_account("default", name)
+            return True
+        except ApiException as e:
+            if e.status == 404 or e.status >= 500:
+                return False
+            raise
+
+    wait_for(created, timeout=timeout, interval=0.5, what="the API server to accept writes again")
+    try:
+        wait_for(has_default_sa, timeout=timeout, interval=0.5, what="the controller-manager to serve again")
+    finally:
+        core.delete_namespace(name)

@@ -15,7 +15,7 @@ import pytest
 import requests
 from kubernetes import client
 
-from cluster_support import Cluster
+from cluster_support import Cluster, wait_control_plane_settled
 from helpers import wait_for
 from objects import GROUP, PLURAL, VERSION
 from processes import BIN, _start
@@ -179,6 +179,7 @@ def test_gateway_serves_its_last_known_backends_through_an_api_server_outage(
             assert len(codes) > during + 10, "requests stopped flowing during the outage"
         finally:
             local.start_component("kube-apiserver")
+            wait_control_plane_settled(cluster)
         wait_for(lambda: gauge(gw.url, "sd_gateway_discovery_up") == 1, timeout=30, what="discovery up again")
         assert gauge(gw.url, "sd_gateway_discovery_stale_seconds") == 0
 
