@@ -12,12 +12,13 @@ export PATH := $(BIN):$(VENV)/bin:$(PATH)
 
 # Debian packages the tooling needs: openssl (cluster PKI), redis-server (cache tests), nginx (benchmark baseline).
 # iproute2 and util-linux: the local pod runner's addresses (ip) and namespaces (unshare, tools/netns.sh).
-APT_PACKAGES := openssl redis-server nginx-light iproute2 util-linux
+# chromium: the headless browser the web console's tests drive (tests/browser, Playwright; never `playwright install`).
+APT_PACKAGES := openssl redis-server nginx-light iproute2 util-linux chromium
 # What only the benchmarks need: wrk (the gateway overhead bench's load generator).
 BENCH_APT_PACKAGES := wrk
 
 .PHONY: help deps venv constraints tools crds cluster-up cluster-down cluster-status cluster-clean dev dev-down lint unit e2e \
-        integration test bench images dist clean
+        integration browser test bench images dist clean
 
 help: ## list the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-16s %s\n", $$1, $$2}'
@@ -82,9 +83,12 @@ integration: deps venv tools ## integration tests on a real local cluster (or th
 e2e: deps venv tools ## end-to-end: real pods' commands, downloads, gateway, batches, training
 	@if [ -n "$$KUBECONFIG" ]; then $(PY) -m pytest tests/e2e; else tools/netns.sh $(PY) -m pytest tests/e2e; fi
 
+browser: deps venv tools ## the web console in headless Chromium against the real gateway, emulators and cluster
+	$(PY) -m pytest tests/browser
+
 # The two cluster suites side by side (separate clusters; logs printed whole, one after the other).
 test: deps venv tools lint unit ## everything CI runs: lint, unit, then integration and e2e side by side
-	@bash tools/parallel.sh "$(MAKE) --no-print-directory integration" "$(MAKE) --no-print-directory e2e"
+	@bash tools/parallel.sh "$(MAKE) --no-print-directory integration" "$(MAKE) --no-print-directory e2e && $(MAKE) --no-print-directory browser"
 
 bench: EXTRA_APT_PACKAGES := $(BENCH_APT_PACKAGES)
 bench: deps venv tools ## benchmarks (numbers for the closing notes; not run by `make test`)
