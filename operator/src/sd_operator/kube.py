@@ -69,10 +69,16 @@ def apply(obj: dict[str, Any], *, field_manager: str = FIELD_MANAGER, api: clien
 
 
 def merge_patch(
-    obj: dict[str, Any], patch: dict[str, Any], *, subresource: str = "", api: client.ApiClient | None = None
+    obj: dict[str, Any],
+    patch: dict[str, Any],
+    *,
+    subresource: str = "",
+    api: client.ApiClient | None = None,
+    timeout: float | None = None,
 ) -> Any:
     """A merge patch of an object (apiVersion, kind, metadata name and namespace) or of one of its
-    subresources; None when the object is gone."""
+    subresources; None when the object is gone. `timeout` (seconds) bounds the request: with etcd down
+    the API server accepts it and then answers nothing for a minute."""
     api = api or api_client()
     try:
         return api.call_api(
@@ -83,6 +89,7 @@ def merge_patch(
             response_types_map={200: "object"},
             auth_settings=["BearerToken"],
             _return_http_data_only=True,
+            _request_timeout=timeout,
         )
     except ApiException as e:
         if e.status == 404:
@@ -98,7 +105,8 @@ def patch_status(
     status: dict[str, Any],
     *,
     api: client.ApiClient | None = None,
+    timeout: float | None = None,
 ) -> Any:
     """A merge patch of the status subresource; None when the object is gone."""
     obj = {"apiVersion": api_version, "kind": kind, "metadata": {"namespace": namespace, "name": name}}
-    return merge_patch(obj, {"status": status}, subresource="status", api=api)
+    return merge_patch(obj, {"status": status}, subresource="status", api=api, timeout=timeout)

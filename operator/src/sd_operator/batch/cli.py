@@ -109,6 +109,7 @@ def build(args: argparse.Namespace) -> Runner:
         concurrency=args.concurrency,
         inputs_dir=Path(args.inputs_dir) if args.inputs_dir else None,
         model_wait_seconds=args.model_wait,
+        final_publish_seconds=args.final_publish_timeout,
     )
     return Runner(settings, source, make_store(spec, args.output_dir), make_reporter(args, meta, api_version))
 
@@ -172,6 +173,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         default=300.0,
         metavar="SECONDS",
         help="how long to wait for the target model to be served (its instance may still be starting)",
+    )
+    p.add_argument(
+        "--final-publish-timeout",
+        type=float,
+        default=300.0,
+        metavar="SECONDS",
+        help="how long the last progress is retried while the API server is away (then the run ends with the "
+        "work's exit code; the output holds every finished item)",
     )
     p.add_argument(
         "--concurrency",

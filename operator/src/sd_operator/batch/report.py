@@ -2,15 +2,19 @@
 
 The status is patched at a bounded rate, never per item: a 100,000-item batch must not turn into
 100,000 writes to the API server. The runner never writes phase or conditions: the controller owns them.
+When the API server (or etcd behind it) is away, the work goes on and publishing retries with a capped
+backoff: one warning when it starts failing, one line when it works again (Publisher).
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
+import logging
 import math
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -18,6 +22,16 @@ from typing import Any, Protocol
 from sd_operator.api.generationbatch import MAX_FAILURES_IN_STATUS
 
 Clock = Callable[[], float]
+Snapshot = Callable[[], tuple[dict[str, Any], dict[str, Any]]]  # (status, runner) as of now
+log = logging.getLogger("sd_operator.batch")
+
+# A failed publish is tried again after 1 s, 2 s, 4 s, ... at most PUBLISH_RETRY_CAP: soon after an
+# outage ends the status catches up, and a long outage costs one request every 10 s.
+PUBLISH_RETRY_FIRST = 1.0
+PUBLISH_RETRY_CAP = 10.0
+# One status patch may take this long: with etcd down the API server accepts the connection and then
+# answers nothing for a minute; the progress loop must not wait on it for longer.
+PUBLISH_TIMEOUT = 10.0
 
 
 @dataclass
@@ -137,4 +151,101 @@ class KubeReporter:
         if not str(status.get("outputLocation", "")).startswith("s3://"):
             # A path inside the pod means nothing to a reader: the controller writes pvc://ns/claim/path.
             status = {k: v for k, v in status.items() if k != "outputLocation"}
-        kube.patch_status(self.api_version, "GenerationBatch", self.namespace, self.name, status)
+        kube.patch_status(
+            self.api_version, "GenerationBatch", self.namespace, self.name, status, timeout=PUBLISH_TIMEOUT
+        )
+
+
+class Publisher:
+    """Publishes progress through a Reporter and rides out an outage of where it goes (an API server
+    upgrade, an etcd outage) without ever holding up the work.
+
+    Every attempt sends the counts of that moment (a snapshot taken when it is sent, never an older body
+    resent), one attempt at a time: a newer status never lands before an older one. After a failure the
+    next attempt waits PUBLISH_RETRY_FIRST, doubling up to PUBLISH_RETRY_CAP; attempts asked for meanwhile
+    are skipped (the next one carries their counts). One warning when publishing starts failing, one info
+    line when it works again, saying for how long it did not."""
+
+    def __init__(
+        self,
+        reporter: Reporter,
+        name: str,
+        *,
+        first: float = PUBLISH_RETRY_FIRST,
+        cap: float = PUBLISH_RETRY_CAP,
+        clock: Clock = time.monotonic,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+    ) -> None:
+        self.reporter, self.name = reporter, name
+        self.first, self.cap, self.clock, self.sleep = first, cap, clock, sleep
+        self.failing_since: float | None = None
+        self.failures = 0  # consecutive failed attempts
+        self.next_attempt = -math.inf
+        self.published = 0  # successful attempts
+        self._lock = asyncio.Lock()
+
+    def due(self) -> bool:
+        """Not waiting out the backoff of a failure."""
+        return self.clock() >= self.next_attempt
+
+    def retry_delay(self) -> float:
+        return min(self.cap, self.first * 2 ** max(0, self.failures - 1))
+
+    def attempt(self, status: dict[str, Any], runner: dict[str, Any]) -> bool:
+        """One publish (blocking); True when it went through."""
+        try:
+            self.reporter.publish(status, runner)
+        except Exception as e:  # progress is best effort: the work and its files are what counts
+            self.failed(e)
+            return False
+        self.succeeded()
+        return True
+
+    def failed(self, error: BaseException) -> None:
+        now = self.clock()
+        self.failures += 1
+        if self.failing_since is None:
+            self.failing_since = now
+            log.warning(
+                "batch %s: could not publish progress: %s; will retry, the work goes on", self.name, _one_line(error)
+            )
+        self.next_attempt = now + self.retry_delay()
+
+    def succeeded(self) -> None:
+        self.published += 1
+        if self.failing_since is not None:
+            log.info(
+                "batch %s: progress published again after %s (%d failed attempts)",
+                self.name, format_duration(self.clock() - self.failing_since), self.failures,
+            )  # fmt: skip
+        self.failing_since, self.failures, self.next_attempt = None, 0, -math.inf
+
+    async def publish(self, snapshot: Snapshot) -> bool:
+        """One attempt, unless a failure's backoff is not over (then False at once)."""
+        async with self._lock:
+            if not self.due():
+                return False
+            return await asyncio.to_thread(self.attempt, *snapshot())
+
+    async def publish_final(self, snapshot: Snapshot, within: float) -> bool:
+        """The last counts of a run: tried until they go through or `within` seconds pass (False then).
+        Not asyncio.timeout: an attempt under way is let finish (it has its own request timeout)."""
+        deadline = self.clock() + within
+        async with self._lock:
+            while True:
+                if await asyncio.to_thread(self.attempt, *snapshot()):
+                    return True
+                left = deadline - self.clock()
+                if left <= 0:
+                    return False
+                await self.sleep(min(self.retry_delay(), left))
+
+
+def _one_line(error: BaseException) -> str:
+    """An exception as one short line: the client's ApiException spans several lines, with the response's
+    headers and body, of which the status says enough."""
+    status, reason = getattr(error, "status", None), getattr(error, "reason", None)
+    if isinstance(status, int) and status:
+        return f"HTTP {status} {reason or ''}".rstrip()
+    text = f"{error.__class__.__name__}: {' '.join(str(error).split())}".rstrip(": ")
+    return text if len(text) <= 300 else text[:297] + "..."

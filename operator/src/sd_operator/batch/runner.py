@@ -3,8 +3,10 @@ requests are in flight and memory stays flat whatever the number of items.
 
 Start: check the services layer (model known, preset), pick the concurrency, scan the output for
 finished items. Work: each worker sends an item, retries what may pass later, records what never will,
-then writes the item's files (marker last). Progress is published at a bounded rate; SIGTERM stops
-taking items, lets those in flight finish for a grace period, publishes and exits 143.
+then writes the item's files (marker last). Progress is published at a bounded rate, and through an
+outage of the API server the work goes on (report.Publisher); the last counts are retried until they go
+through or --final-publish-timeout passes. SIGTERM stops taking items, lets those in flight finish for a
+grace period, publishes (for at most SIGNAL_PUBLISH_SECONDS) and exits 143.
 """
 
 from __future__ import annotations
@@ -37,11 +39,14 @@ from sd_operator.batch.client import (
 from sd_operator.batch.items import ItemSource, Task
 from sd_operator.batch.output import Store, commit, encode, image_name, sidecar_name
 from sd_operator.batch.payload import PermanentItemError, build_body
-from sd_operator.batch.report import Counters, RateLimit, Reporter, progress_line, status
+from sd_operator.batch.report import Counters, Publisher, RateLimit, Reporter, format_duration, progress_line, status
 from sd_operator.gateway.presets import Preset
 
 log = logging.getLogger("sd_operator.batch")
 EXIT_OK, EXIT_CRASH, EXIT_SOME_FAILED = 0, 1, 3
+# Stopped by SIGTERM, the last counts are tried for at most this long: the pod's grace period is 30 s, of
+# which the items in flight may take 10 (Settings.grace_seconds).
+SIGNAL_PUBLISH_SECONDS = 15.0
 
 
 class BatchError(Exception):
@@ -67,6 +72,7 @@ class Settings:
     tick_seconds: float = 0.25
     start_attempts: int = 3
     model_wait_seconds: float = 300.0  # --model-wait
+    final_publish_seconds: float = 300.0  # --final-publish-timeout
 
 
 def _iso(t: float) -> str:
@@ -85,7 +91,7 @@ class Runner:
         self.signal: int | None = None
         self.fatal: str | None = None
         self.started = time.monotonic()
-        self._publish_lock = asyncio.Lock()
+        self.publisher = Publisher(reporter, s.name)
 
     # -- start ----------------------------------------------------------------------------------------------
 
@@ -158,7 +164,7 @@ class Runner:
             self.started = time.monotonic()
             await self.publish()
             await self._work(client, self.source.tasks(lambda i: done[i] == 1))
-            await self.publish()
+            await self.publish_final()
         return self._exit_code()
 
     def _on_signal(self, sig: int) -> None:
@@ -315,8 +321,8 @@ class Runner:
                 log.info(progress_line(self.s.name, self.c, time.monotonic() - self.started))
                 await self.publish()
 
-    async def publish(self) -> None:
-        """Sends the status; one at a time, so a slow patch can never land after a newer one."""
+    def _snapshot(self) -> tuple[dict[str, Any], dict[str, Any]]:
+        """The status and the runner's own figures as of now (taken when a publish is sent)."""
         elapsed = max(time.monotonic() - self.started, 1e-9)
         runner = {
             "concurrency": self.concurrency,
@@ -326,8 +332,22 @@ class Runner:
             "seconds": round(elapsed, 3),
             "imagesPerSecond": round(self.c.images / elapsed, 3),
         }
-        async with self._publish_lock:
-            try:
-                await asyncio.to_thread(self.reporter.publish, status(self.c, self.store.location), runner)
-            except Exception as e:  # progress is best effort: the work and its files are what counts
-                log.warning("batch %s: could not publish progress: %s", self.s.name, e)
+        return status(self.c, self.store.location), runner
+
+    async def publish(self) -> None:
+        """Sends the status unless a failed publish is waiting out its backoff (the next one carries
+        the counts); one at a time, so a slow patch can never land after a newer one."""
+        await self.publisher.publish(self._snapshot)
+
+    async def publish_final(self) -> None:
+        """The run's last counts, retried through an outage; if they never go through the exit code is
+        still the work's (every finished item is in the output, and the next run's scan counts it)."""
+        timeout = self.s.final_publish_seconds
+        if self.signal is not None:
+            timeout = min(timeout, SIGNAL_PUBLISH_SECONDS)
+        if not await self.publisher.publish_final(self._snapshot, timeout):
+            log.warning(
+                "batch %s: gave up publishing the final progress after %s; the status keeps the last counts "
+                "published, the output has all %d finished items",
+                self.s.name, format_duration(timeout), self.c.succeeded,
+            )  # fmt: skip
