@@ -36,6 +36,8 @@ from sd_operator.gateway.payload import (
 )
 from sd_operator.gateway.presets import PresetStore, UnknownPreset
 from sd_operator.gateway.registry import ModelNotReady, Registry, UnknownModel, family_of, pixel_budget, probe
+from sd_operator.gateway.tracking import HEADER as REQUEST_ID
+from sd_operator.gateway.tracking import RequestTracker, Tracked
 from sd_operator.gateway.upstream import Upstream, UpstreamError, UpstreamResponse
 
 log = logging.getLogger("sd_operator.gateway")
@@ -91,6 +93,7 @@ class State:
         self.session: aiohttp.ClientSession | None = None  # probes, interrupts and GETs
         self.upstream = Upstream()  # generation requests (the hot path; see upstream.py)
         self.running: dict[str, set[Backend]] = {}  # tenant -> backends rendering its requests
+        self.requests = RequestTracker()  # X-Request-Id -> queued / running / done (GET /v1/requests/{id})
         self.background: set[asyncio.Task[Any]] = set()
 
     def spawn(self, coro: Any) -> None:
@@ -163,9 +166,15 @@ async def auth_middleware(request: web.Request, handler: Any) -> web.StreamRespo
     return response
 
 
+def open_path(path: str) -> bool:
+    """Paths served without a key: probes, metrics, the OpenAPI document and the console's static shell (the
+    page asks for a key and sends it on every API call; without one it shows nothing)."""
+    return path in OPEN_PATHS or path == "/ui" or path.startswith("/ui/")
+
+
 async def _authorised(state: State, request: web.Request, handler: Any) -> web.StreamResponse:
     tenant: Tenant | None = ANONYMOUS
-    if request.path not in OPEN_PATHS and state.keys.enabled:
+    if not open_path(request.path) and state.keys.enabled:
         tenant = state.keys.lookup(presented_key(request.headers))
         if tenant is None:
             return error(401, "a valid API key is required (Authorization: Bearer <key>)", "Unauthorized")
@@ -207,6 +216,20 @@ def _priority(state: State, request: web.Request) -> int:
 
 
 async def generate(request: web.Request, path: str, payload: dict[str, Any], raw: bytes | None) -> web.StreamResponse:
+    """A generation; with an X-Request-Id header its state can be polled (GET /v1/requests/{id})."""
+    state = _state(request)
+    tracked = state.requests.begin(request["tenant"].name, request.headers.get(REQUEST_ID))
+    request["tracked"] = tracked
+    status = None
+    try:
+        response = await _generate(request, path, payload, raw)
+        status = response.status
+        return response
+    finally:
+        state.requests.end(tracked, status)
+
+
+async def _generate(request: web.Request, path: str, payload: dict[str, Any], raw: bytes | None) -> web.StreamResponse:
     state = _state(request)
     try:
         model = _model_for(state, request, payload)
@@ -259,6 +282,9 @@ async def _dispatch(
     """Waits in the model's queue for an idle backend, sends the body and relays the answer; retries on another
     backend after a failure, and after an out-of-memory answer only on backends with a larger budget."""
     tenant: Tenant = request["tenant"]
+    tracked: Tracked | None = request.get("tracked")
+    if tracked is not None:
+        tracked.model, tracked.state = model, "queued"
     tried: list[Backend] = []
     for attempt in range(state.cfg.retries + 1):
         waited = time.perf_counter()
@@ -272,6 +298,7 @@ async def _dispatch(
                 units=units,
                 exclude=tried,
                 cold_start=cold,
+                ticket=tracked.ticket if tracked is not None else None,
             )
         except QueueFull as e:
             return error(429, str(e), "QueueFull", retry_after=e.retry_after)
@@ -287,6 +314,8 @@ async def _dispatch(
                 instances=[{"instance": d.instance, "phase": d.phase} for d in state.registry.instances_of(model)],
             )
         m.child(m.wait_seconds, model).observe(time.perf_counter() - waited)
+        if tracked is not None:
+            tracked.state, tracked.backend = "running", backend
         outcome = await _forward(request, state, backend, path, body, units, key, attempt, tenant.name)
         if isinstance(outcome, web.StreamResponse):
             return outcome
@@ -892,6 +921,10 @@ def create_app(cfg: GatewayConfig, dispatcher: Dispatcher | None = None) -> web.
     r.add_get("/readyz", readyz)
     r.add_get("/metrics", metrics_handler)
     r.add_get("/openapi.json", openapi)
+
+    from sd_operator.gateway import console  # the web console's page and read endpoints (imports this module)
+
+    console.setup(app, cfg)
 
     async def lifecycle(app: web.Application) -> Any:
         state.session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0, keepalive_timeout=60))

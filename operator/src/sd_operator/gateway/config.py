@@ -31,3 +31,10 @@ class GatewayConfig:
     report_demand: bool = False  # publish per-model demand for the operator's autoscaler (gateway/demand.py)
     gateway_id: str = ""  # names this replica's demand report
     demand_namespace: str = "default"  # where the demand report lives
+    # The console (gateway/console.py): PVCs mounted into the gateway ("[NAMESPACE/]CLAIM=PATH"), the
+    # namespace of unqualified claims (the pod's own), the thumbnail cache, and whether batches and LoRAJobs
+    # are watched (with --kubernetes).
+    outputs_dirs: tuple[str, ...] = ()
+    own_namespace: str = "default"
+    thumbnail_cache_bytes: int = 32 * 1024 * 1024
+    console_watch: bool = True

@@ -117,47 +117,21 @@ def declared_model(instance: dict[str, Any]) -> DeclaredModel | None:
     )
 
 
-class KubeDiscovery:
-    def __init__(self, state: State, namespaces: tuple[str, ...] = ()) -> None:
-        self.state = state
-        self.namespaces = namespaces or ("",)
-        self.instances: dict[tuple[str, str], dict[str, Any]] = {}
-        self.slices: dict[tuple[str, str], dict[str, Any]] = {}
-        self.by_slice: dict[tuple[str, str], list[Backend]] = {}
+class Watcher:
+    """List-then-watch threads for some kinds of object, sharing one view of the API server's reachability:
+    an outage begins when the first watch fails and ends when every failed one has listed again. `label`
+    names the watcher in its two log lines (the discovery, the console's objects)."""
+
+    label = "discovery"
+
+    def __init__(self) -> None:
         self.loop: asyncio.AbstractEventLoop | None = None
         self.stop = threading.Event()
-        # The API server's reachability, as the watch threads see it: an outage begins when the first
-        # watch fails and ends when every failed one has listed again.
         self._lock = threading.Lock()
         self._failing: dict[str, str] = {}
         self._down_since: float | None = None
         self._synced: set[str] = set()
         self._watches: set[str] = set()
-
-    async def run(self) -> None:
-        self.loop = asyncio.get_running_loop()
-        api = kube.api_client()
-        custom, discovery = client.CustomObjectsApi(api), client.DiscoveryV1Api(api)
-        metrics.track_discovery(self.up, self.stale_seconds)
-        threads = []
-        for ns in self.namespaces:
-            if ns:
-                instances = self._lister(
-                    custom.list_namespaced_custom_object, API_GROUP, API_VERSION, ns, "sdinstances"
-                )
-                slices = self._lister(discovery.list_namespaced_endpoint_slice, ns, label_selector=INSTANCE_LABEL)
-            else:
-                instances = self._lister(custom.list_cluster_custom_object, API_GROUP, API_VERSION, "sdinstances")
-                slices = self._lister(discovery.list_endpoint_slice_for_all_namespaces, label_selector=INSTANCE_LABEL)
-            where = ns or "all namespaces"
-            threads += [
-                self._watch(instances, self._on_instance, f"SDInstances in {where}"),
-                self._watch(slices, self._on_slice, f"EndpointSlices in {where}"),
-            ]
-        try:
-            await asyncio.Event().wait()
-        finally:
-            self.stop.set()
 
     @staticmethod
     def _lister(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Callable[..., Any]:
@@ -173,9 +147,13 @@ class KubeDiscovery:
             return self._down_since is None and bool(self._watches) and self._synced >= self._watches
 
     def stale_seconds(self) -> float:
-        """How long the backends have been what the API server said last (0 while it answers)."""
+        """How long the view has been what the API server said last (0 while it answers)."""
         with self._lock:
             return 0.0 if self._down_since is None else time.monotonic() - self._down_since
+
+    def kept(self) -> str:
+        """What is served from the last known view during an outage, for the log line."""
+        return "the last known objects"
 
     def _lost(self, what: str, why: str) -> None:
         with self._lock:
@@ -183,12 +161,8 @@ class KubeDiscovery:
             if self._down_since is not None:
                 return
             self._down_since = time.monotonic()
-        kept = sum(len(b) for b in list(self.by_slice.values()))
         log.warning(
-            "discovery lost the Kubernetes API (%s: %s); serving the %d last known backends until it is back",
-            what,
-            why,
-            kept,
+            "%s lost the Kubernetes API (%s: %s); serving %s until it is back", self.label, what, why, self.kept()
         )
 
     def _reached(self, what: str) -> None:
@@ -198,7 +172,7 @@ class KubeDiscovery:
             if self._down_since is None or self._failing:
                 return
             lasted, self._down_since = time.monotonic() - self._down_since, None
-        log.warning("discovery reached the Kubernetes API again after %.1fs; listed everything again", lasted)
+        log.warning("%s reached the Kubernetes API again after %.1fs; listed everything again", self.label, lasted)
 
     def _emit(self, handler: Callable[[str, dict[str, Any]], None], kind: str, body: dict[str, Any]) -> None:
         assert self.loop is not None
@@ -208,7 +182,7 @@ class KubeDiscovery:
         self, lister: Callable[..., Any], handler: Callable[[str, dict[str, Any]], None], what: str
     ) -> threading.Thread:
         """List, then watch from the list's resourceVersion; after a failure, back off and list again. A
-        failed list or watch changes nothing: the backends stay what the last successful one said."""
+        failed list or watch changes nothing: the view stays what the last successful one said."""
         with self._lock:
             self._watches.add(what)
 
@@ -260,9 +234,44 @@ class KubeDiscovery:
                     self._lost(what, e.__class__.__name__)
                     self.stop.wait(next(delays))
 
-        thread = threading.Thread(target=loop, daemon=True, name="sd-gateway-discovery")
+        thread = threading.Thread(target=loop, daemon=True, name=f"sd-gateway-{self.label}")
         thread.start()
         return thread
+
+
+class KubeDiscovery(Watcher):
+    def __init__(self, state: State, namespaces: tuple[str, ...] = ()) -> None:
+        super().__init__()
+        self.state = state
+        self.namespaces = namespaces or ("",)
+        self.instances: dict[tuple[str, str], dict[str, Any]] = {}
+        self.slices: dict[tuple[str, str], dict[str, Any]] = {}
+        self.by_slice: dict[tuple[str, str], list[Backend]] = {}
+
+    def kept(self) -> str:
+        return f"the {sum(len(b) for b in list(self.by_slice.values()))} last known backends"
+
+    async def run(self) -> None:
+        self.loop = asyncio.get_running_loop()
+        api = kube.api_client()
+        custom, discovery = client.CustomObjectsApi(api), client.DiscoveryV1Api(api)
+        metrics.track_discovery(self.up, self.stale_seconds)
+        for ns in self.namespaces:
+            if ns:
+                instances = self._lister(
+                    custom.list_namespaced_custom_object, API_GROUP, API_VERSION, ns, "sdinstances"
+                )
+                slices = self._lister(discovery.list_namespaced_endpoint_slice, ns, label_selector=INSTANCE_LABEL)
+            else:
+                instances = self._lister(custom.list_cluster_custom_object, API_GROUP, API_VERSION, "sdinstances")
+                slices = self._lister(discovery.list_endpoint_slice_for_all_namespaces, label_selector=INSTANCE_LABEL)
+            where = ns or "all namespaces"
+            self._watch(instances, self._on_instance, f"SDInstances in {where}")
+            self._watch(slices, self._on_slice, f"EndpointSlices in {where}")
+        try:
+            await asyncio.Event().wait()
+        finally:
+            self.stop.set()
 
     def _on_instance(self, kind: str, body: dict[str, Any]) -> None:
         key = (body["metadata"]["namespace"], body["metadata"]["name"])

@@ -118,6 +118,7 @@ class Waiter:
     future: asyncio.Future[Backend]
     enqueued: float = field(default_factory=time.monotonic)
     skipped: int = 0  # times a request behind it in serving order was bound first
+    ticket: str | None = None  # the caller's request id (X-Request-Id), for GET /v1/requests/{id}
 
 
 class ModelQueue:
@@ -177,6 +178,7 @@ class Dispatcher:
         self.backends: dict[str, list[Backend]] = {}
         self.queues: dict[str, ModelQueue] = {}
         self.version = 0  # changes whenever a backend comes or goes (what the registry's index follows)
+        self.tickets: dict[str, tuple[str, Waiter]] = {}  # request id -> (model, waiter) while it waits
 
     # -- backends ----------------------------------------------------------------------------
 
@@ -247,6 +249,7 @@ class Dispatcher:
         units: float = 1.0,
         exclude: Iterable[Backend] = (),
         cold_start: float | None = None,
+        ticket: str | None = None,
     ) -> Backend:
         """Waits until a backend of `model` has a free slot, and takes it. Cancelling the wait leaves the queue.
 
@@ -270,8 +273,10 @@ class Dispatcher:
         if queue.size >= self.max_queue:
             raise QueueFull(model, queue.size, self.retry_after(model))
         loop = asyncio.get_running_loop()
-        waiter = Waiter(tenant, priority, units, excluded, loop.create_future())
+        waiter = Waiter(tenant, priority, units, excluded, loop.create_future(), ticket=ticket)
         queue.push(waiter)
+        if ticket is not None:
+            self.tickets[ticket] = (model, waiter)
         self._dispatch(model)
         try:
             if cold and cold_start is not None:
@@ -283,6 +288,32 @@ class Dispatcher:
                 # Bound just as the caller went away: give the slot back.
                 self.release(waiter.future.result(), ok=True)
             raise
+        finally:
+            if ticket is not None and self.tickets.get(ticket, (None, None))[1] is waiter:
+                del self.tickets[ticket]
+
+    def position(self, ticket: str) -> tuple[int, int, float] | None:
+        """(position in serving order, 1 = next; the queue's depth; seconds until it should start) of a waiting
+        request, or None when it does not wait. The serving order is the queue's (priority, tenants in turn);
+        the window may still reorder the next few by size. The wait is the work ahead of it spread over the
+        model's slots, plus the time until the earliest busy slot frees."""
+        found = self.tickets.get(ticket)
+        if found is None:
+            return None
+        model, waiter = found
+        queue = self.queues.get(model)
+        if queue is None:
+            return None
+        ahead = 0.0
+        for position, other in enumerate(queue.candidates(), 1):
+            if other is waiter:
+                now, speed = time.monotonic(), self._speed(model)
+                group = [b for b in self.backends.get(model, []) if not b.removed]
+                slots = max(sum(b.max_inflight for b in group), 1)
+                free = min((b.free_at(now) for b in group), default=now) - now
+                return position, queue.size, max(0.0, free) + ahead * speed / slots
+            ahead += other.units
+        return None
 
     async def _first_backend(self, model: str, waiter: Waiter, seconds: float) -> None:
         """Returns once the waiter is bound or the model has a backend; ColdStartTimeout after `seconds`."""

@@ -18,6 +18,7 @@ from sd_operator.gateway.app import STATE, State, create_app
 from sd_operator.gateway.config import GatewayConfig
 from sd_operator.gateway.demand import default_gateway_id, default_namespace
 from sd_operator.gateway.dispatch import Backend
+from sd_operator.gateway.outputs import parse_mounts
 from sd_operator.gateway.registry import load_backends_file
 
 log = logging.getLogger("sd_operator.gateway")
@@ -66,9 +67,15 @@ async def serve(cfg: GatewayConfig, ready: asyncio.Event | None = None) -> None:
     if cfg.backends_file:
         tasks.append(asyncio.create_task(watch_backends_file(state, cfg.backends_file)))
     if cfg.kubernetes:
+        from sd_operator.gateway.console import CONSOLE
         from sd_operator.gateway.discovery import KubeDiscovery
+        from sd_operator.gateway.objects import ObjectWatcher
 
-        tasks.append(asyncio.create_task(KubeDiscovery(state, cfg.namespaces).run()))
+        discovery = app[CONSOLE].discovery = KubeDiscovery(state, cfg.namespaces)
+        tasks.append(asyncio.create_task(discovery.run()))
+        if cfg.console_watch:
+            objects = app[CONSOLE].objects = ObjectWatcher(cfg.namespaces)
+            tasks.append(asyncio.create_task(objects.run()))
     if cfg.report_demand:
         from sd_operator.gateway.demand import DemandPublisher
 
@@ -121,9 +128,17 @@ def command(args: argparse.Namespace) -> int:
         report_demand=args.report_demand,
         gateway_id=args.gateway_id or default_gateway_id(),
         demand_namespace=args.demand_namespace or default_namespace(),
+        outputs_dirs=tuple(args.outputs_dir or ()),
+        own_namespace=default_namespace(),
+        thumbnail_cache_bytes=args.thumbnail_cache_mib * 1024 * 1024,
+        console_watch=args.console_watch,
     )
     if not cfg.backends_file and not cfg.kubernetes:
         raise SystemExit("sd-operator gateway: give --backends-file or --kubernetes (or both)")
+    try:
+        parse_mounts(cfg.outputs_dirs, cfg.own_namespace)
+    except ValueError as e:
+        raise SystemExit(f"sd-operator gateway: {e}") from None
     uvloop.run(serve(cfg))  # asyncio on libuv: the same semantics, less CPU per request
     return 0
 
@@ -167,6 +182,20 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--gateway-id", help="names this replica's demand report (default: $POD_NAME, else the hostname)")
     p.add_argument("--demand-namespace", help="namespace of the demand report (default: $POD_NAMESPACE, else default)")
+    p.add_argument(
+        "--outputs-dir",
+        action="append",
+        metavar="[NAMESPACE/]CLAIM=PATH",
+        help="where a PersistentVolumeClaim that batches write to is mounted, for the console's galleries "
+        "(repeatable; a claim without NAMESPACE/ is one of the gateway's own namespace)",
+    )
+    p.add_argument("--thumbnail-cache-mib", type=int, default=32, help="memory for the console's thumbnails")
+    p.add_argument(
+        "--console-watch",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="with --kubernetes, watch GenerationBatches and LoRAJobs for the console (/v1/batches, /v1/lorajobs)",
+    )
     p.set_defaults(func=command)
 
 
