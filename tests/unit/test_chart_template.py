@@ -511,11 +511,10 @@ def test_namespaced_rbac_in_each_watched_namespace() -> None:
 def test_gateway_rbac_reads_only_discovery() -> None:
     rules = find(render(), "ClusterRole", GATEWAY)["rules"]
     granted = {(g, r, v) for rule in rules for g in rule["apiGroups"] for r in rule["resources"] for v in rule["verbs"]}
-    assert granted == {
-        (g, r, v)
-        for g, r in (("sd-operator.dev", "sdinstances"), ("discovery.k8s.io", "endpointslices"))
-        for v in ("get", "list", "watch")
-    }
+    read = (("sd-operator.dev", "sdinstances"), ("discovery.k8s.io", "endpointslices"))
+    # The web console's batches and LoRAJobs (gateway.console.watch; tests/unit/test_console_chart.py).
+    read += (("sd-operator.dev", "generationbatches"), ("sd-operator.dev", "lorajobs"))
+    assert granted == {(g, r, v) for g, r in read for v in ("get", "list", "watch")}
 
 
 # ---------------------------------------------------------------------------------------------

@@ -74,7 +74,7 @@ scanning); and the ClusterKopfPeering when the operator watches the whole cluste
 {{- end }}
 {{- end }}
 
-{{/* The gateway reads what its discovery needs, nothing else. */}}
+{{/* The gateway reads what its discovery and the console need, nothing else. */}}
 {{- define "sd-operator.gatewayRules" -}}
 # Discovery: which model each SDInstance serves, and its ready endpoints.
 - apiGroups: [sd-operator.dev]
@@ -83,6 +83,18 @@ scanning); and the ClusterKopfPeering when the operator watches the whole cluste
 - apiGroups: [discovery.k8s.io]
   resources: [endpointslices]
   verbs: [get, list, watch]
+{{- if .Values.gateway.console.watch }}
+# The web console: batch and training progress, and which store a batch's gallery is read from.
+- apiGroups: [sd-operator.dev]
+  resources: [generationbatches, lorajobs]
+  verbs: [get, list, watch]
+{{- end }}
+{{- if .Values.gateway.console.readS3Secrets }}
+# The S3 credentials a batch names (spec.output.s3.credentialsSecret), read one by one, never listed.
+- apiGroups: [""]
+  resources: [secrets]
+  verbs: [get]
+{{- end }}
 {{- end }}
 
 {{/* The gateway's demand report (--report-demand), in the release namespace only. */}}

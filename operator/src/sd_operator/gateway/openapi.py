@@ -33,6 +33,61 @@ _TASK = {
 _REFUSED = {"responses": {"403": {"description": "what to do instead"}}}
 REFRESHED = ("loras", "vae", "embeddings")
 
+_NS_NAME = [
+    {"name": "namespace", "in": "path", "required": True, "schema": {"type": "string"}},
+    {"name": "name", "in": "path", "required": True, "schema": {"type": "string"}},
+]
+_FILE = {"name": "file", "in": "path", "required": True, "schema": {"type": "string"}}
+_PAGE = [
+    {"name": "offset", "in": "query", "schema": {"type": "integer", "minimum": 0, "default": 0}},
+    {"name": "limit", "in": "query", "schema": {"type": "integer", "minimum": 1, "maximum": 100, "default": 24}},
+]
+_NOT_FOUND = {"404": {"description": "no such object (or its PVC is not mounted into the gateway: see the detail)"}}
+
+
+def _read(summary: str, parameters: list[dict[str, Any]] | None = None, **responses: Any) -> dict[str, Any]:
+    return {
+        "get": {
+            "summary": summary,
+            **({"parameters": parameters} if parameters else {}),
+            "responses": {"200": {"description": "OK"}, **responses},
+        }
+    }
+
+
+# The web console's read endpoints (gateway/console.py) and its static page (served without a key).
+CONSOLE_PATHS: dict[str, Any] = {
+    "/ui/": {
+        "get": {
+            "summary": "the web console (static files; no key needed: the page asks for one)",
+            "security": [],
+            "responses": {"200": {"description": "index.html"}},
+        }
+    },
+    "/v1/fleet": _read("models with their SDInstances (phase, GPU, replicas), queue depth and wait"),
+    "/v1/batches": _read("GenerationBatches with their progress (watched by the gateway)"),
+    "/v1/batches/{namespace}/{name}/outputs": _read(
+        "a page of a batch's finished items (index order): prompt, seed, image and thumbnail URLs, parameters",
+        [*_NS_NAME, *_PAGE],
+        **_NOT_FOUND,
+    ),
+    "/v1/batches/{namespace}/{name}/files/{file}": _read("one output image", [*_NS_NAME, _FILE], **_NOT_FOUND),
+    "/v1/batches/{namespace}/{name}/thumbnails/{file}": _read(
+        "a JPEG thumbnail of one output image (at most 256 px)", [*_NS_NAME, _FILE], **_NOT_FOUND
+    ),
+    "/v1/lorajobs": _read("LoRAJobs with epoch, step, loss and their evaluation batch"),
+    "/v1/lorajobs/{namespace}/{name}/evaluation": _read(
+        "a LoRAJob's evaluation grid: prompts x LoRA weights, from its evaluation batch's outputs",
+        _NS_NAME,
+        **_NOT_FOUND,
+    ),
+    "/v1/requests/{id}": _read(
+        "the state of the caller's own generation sent with X-Request-Id: queued (position), running "
+        "(progress), done or failed",
+        [{"name": "id", "in": "path", "required": True, "schema": {"type": "string", "maxLength": 128}}],
+    ),
+}
+
 
 def document() -> dict[str, Any]:
     schema = GenerateRequest.model_json_schema(ref_template="#/components/schemas/{model}")
@@ -54,6 +109,14 @@ def document() -> dict[str, Any]:
         "/v1/generate": {
             "post": {
                 "summary": "convenience API: prompt, preset, LoRA and ControlNet turned into a WebUI payload",
+                "parameters": [
+                    {
+                        "name": "X-Request-Id",
+                        "in": "header",
+                        "description": "names the request for GET /v1/requests/{id} (queue position, progress)",
+                        "schema": {"type": "string", "maxLength": 128},
+                    }
+                ],
                 "requestBody": {
                     "content": {"application/json": {"schema": {"$ref": "#/components/schemas/GenerateRequest"}}}
                 },
@@ -79,6 +142,7 @@ def document() -> dict[str, Any]:
         **{f"/sdapi/v1/refresh-{what}": {"post": {"summary": "on every instance", **_OK}} for what in REFRESHED},
         **{f"/sdapi/v1/{path}": get for path in READ_ONLY_GETS},
         **{path: {"post": {"summary": "refused: " + why, **_REFUSED}} for path, why in REFUSED.items()},
+        **CONSOLE_PATHS,
         "/healthz": get,
         "/readyz": get,
         "/metrics": get,
