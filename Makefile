@@ -92,7 +92,7 @@ test: deps venv tools lint unit ## everything CI runs: lint, unit, then integrat
 
 bench: EXTRA_APT_PACKAGES := $(BENCH_APT_PACKAGES)
 bench: deps venv tools ## benchmarks (numbers for the closing notes; not run by `make test`)
-	$(PY) bench/sdinstances.py --count 200 --idle-seconds 60
+	$(PY) bench/sdinstances.py --count 200 500 1000 --idle-seconds 60
 	$(PY) bench/batch_throughput.py --items 200 --speed 1.0
 	$(PY) bench/gateway_dispatch.py
 	$(PY) bench/gateway_overhead.py
