@@ -41,6 +41,8 @@ TENANT = "console"
 MODEL_A = "animeA_v1.safetensors"
 MODEL_B = "realB_v2.safetensors"
 CLAIM = "outputs"
+LORA = "mystyle"
+CONTROLNET_MODEL = "control_v11p_sd15_canny"
 ARTIFACTS = Path(os.environ.get("SD_TEST_ARTIFACTS") or Path(__file__).parent / "artifacts")
 
 
@@ -102,7 +104,13 @@ def console(cluster: Cluster, module_namespace: str, tmp_path_factory: pytest.Te
     started: list[Proc] = []
     try:
         # Model B renders slowly enough (about 2 s for 30 steps) for a person, and a test, to see the wait.
-        a = emulator(tmp, "a", MODEL_A, profile="rtx4090", speed=0.001)
+        # Model A's instance has a LoRA and a ControlNet model in its folders, as an SDInstance would install them.
+        (tmp / "a" / "models" / "Lora").mkdir(parents=True)
+        (tmp / "a" / "models" / "Lora" / f"{LORA}.safetensors").write_bytes(b"lora" * 256)
+        controlnets = tmp / "a" / "models" / "ControlNet"
+        controlnets.mkdir()
+        (controlnets / f"{CONTROLNET_MODEL}.pth").write_bytes(os.urandom(0x110000))
+        a = emulator(tmp, "a", MODEL_A, profile="rtx4090", speed=0.001, extra=["--controlnet-dir", str(controlnets)])
         started.append(a)
         b = emulator(tmp, "b", MODEL_B, profile="rtx3060", speed=0.6)
         started.append(b)

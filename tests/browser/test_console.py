@@ -13,6 +13,7 @@ import json
 import re
 import threading
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -21,7 +22,7 @@ from kubernetes import client
 from PIL import Image
 from playwright.sync_api import Page, expect
 
-from conftest import CLAIM, KEY, MODEL_A, MODEL_B, Console, screenshot
+from conftest import CLAIM, CONTROLNET_MODEL, KEY, LORA, MODEL_A, MODEL_B, Console, screenshot
 from helpers import wait_for
 from objects import GROUP, PLURAL, VERSION
 from sd_operator.batch.output import LocalStore, commit, image_name, sidecar_name
@@ -392,4 +393,99 @@ def test_the_generate_form_works_with_the_keyboard_alone(console: Console, open_
     expect(page.locator("#panel-training")).to_be_visible()
     page.keyboard.press("Home")
     expect(page.locator("#panel-generate")).to_be_visible()
+    assert watched.errors == []
+
+
+def test_a_lora_and_a_controlnet_unit_with_an_uploaded_image(console: Console, open_page: Any, tmp_path: Path) -> None:
+    control = tmp_path / "edges.png"
+    Image.new("RGB", (64, 64), "white").save(control)
+    page, watched = open_page()
+    open_console(page, console)
+    page.select_option("#g-model", MODEL_A)
+    expect(page.locator("#g-lora option")).to_have_text(["None", LORA])  # the instance's own LoRA folder
+    page.select_option("#g-lora", LORA)
+    page.fill("#g-lora-weight", "0.7")
+    page.fill("#g-prompt", "a castle")
+    page.fill("#g-seed", "9")
+    page.check("#g-cn-on")
+    expect(page.locator("#g-cn")).to_be_visible()
+    # The choices are the instance's (through the gateway's /controlnet/* proxies).
+    expect(page.locator("#g-cn-model option")).to_have_count(2)
+    cn_model = page.locator("#g-cn-model option").nth(1).get_attribute("value") or ""
+    assert cn_model.startswith(CONTROLNET_MODEL), cn_model
+    assert page.locator("#g-cn-module option", has_text="canny").count() >= 1
+    page.select_option("#g-cn-type", "canny")
+    page.select_option("#g-cn-module", "canny")
+    page.select_option("#g-cn-model", cn_model)
+    page.set_input_files("#g-cn-image", str(control))
+    page.click("#g-submit")
+    expect(page.locator("#g-result")).to_be_visible()
+    infotext = page.inner_text("#g-infotext")
+    assert infotext.startswith(f"a castle, <lora:{LORA}:0.7>"), infotext
+    assert f"Module: canny, Model: {cn_model}" in infotext, infotext
+    assert png_info_of_displayed_image(page)["sd-emulator-model"].startswith(MODEL_A)
+    assert watched.errors == []
+
+
+def test_the_pages_pure_helpers(console: Console, open_page: Any) -> None:
+    """format.js, imported by the browser as the page imports it: what the views print and send."""
+    page, watched = open_page()
+    open_console(page, console)
+    got = page.evaluate("""async () => {
+        const f = await import('/ui/format.js');
+        return {
+            label: f.modelOptionLabel({model_name: 'sd15', filename: 'sd15.safetensors', state: 'ScaledToZero'}),
+            states: ['Ready', 'Failed', 'Downloading', 'ScaledToZero', 'Weird', null]
+                .map(s => { const l = f.stateLabel(s); return `${l.symbol} ${l.word}`; }),
+            seconds: [0.44, 42.4, 75, 7300, null].map(f.formatSeconds),
+            pages: [f.pageInfo(0, 24, 50), f.pageInfo(48, 24, 50), f.pageInfo(0, 24, 0)],
+            waits: [
+                f.describeWait({state: 'queued', position: 2, queueDepth: 3}, 4.2),
+                f.describeWait({state: 'running', progress: 0.456, etaSeconds: 3.2}, 9),
+                f.describeWait(null, 0),
+            ],
+            request: f.buildGenerateRequest({prompt: 'a cat', model: 'm.safetensors', preset: '', width: '768',
+                height: '', steps: '30', cfg_scale: '6.5', seed: '', lora: 'style', lora_weight: '0.6',
+                negative_prompt: 'blurry'}),
+            unit: f.buildGenerateRequest({prompt: 'x', seed: '3', controlnet: {type: 'canny', image: 'data:,',
+                module: '', model: 'control_v11p_sd15_canny [0439b8c0]'}}).controlnet,
+            summary: f.batchSummary({total: 50, succeeded: 12, failed: 1, running: 2, progress: 0.26}),
+            field: ['Model', 'Seed', 'Lora hashes', 'Nope'].map(n => f.infotextField(
+                'a cat\\nSteps: 20, Seed: 7, Model: sd15, Lora hashes: "style: abc, other: def"', n)),
+            error: f.errorText(503, {error: 'ModelNotReady', detail: 'sd15 is Downloading'}),
+            history: f.addToHistory([1, 2, 3], 0, 3),
+            id: f.requestId(),
+        };
+    }""")
+    assert got["label"] == "sd15 (ScaledToZero)"
+    assert got["states"] == ["✓ Ready", "✗ Failed", "↓ Downloading", "⏾ ScaledToZero", "? Weird", "? Unknown"]
+    assert got["seconds"] == ["0.4 s", "42 s", "1 min 15 s", "2 h 1 min", "—"]
+    assert [p["text"] for p in got["pages"]] == ["Outputs 1-24 of 50", "Outputs 49-50 of 50", "No outputs yet"]
+    assert [(p["hasPrev"], p["hasNext"], p["page"], p["pages"]) for p in got["pages"]] == [
+        (False, True, 1, 3),
+        (True, False, 3, 3),
+        (False, False, 1, 1),
+    ]
+    assert got["waits"] == [
+        "Queued: position 2 of 3 waiting (4.2 s)",
+        "Rendering: 46 %, about 3.2 s left",
+        "Sent, waiting for the gateway (0 s)",
+    ]
+    assert got["request"] == {
+        "prompt": "a cat",
+        "model": "m.safetensors",
+        "negative_prompt": "blurry",
+        "width": 768,
+        "steps": 30,
+        "cfg_scale": 6.5,
+        "seed": -1,
+        "lora": "style",
+        "lora_weight": 0.6,
+    }
+    assert got["unit"] == {"type": "canny", "image": "data:,", "model": "control_v11p_sd15_canny [0439b8c0]"}
+    assert got["summary"] == "12 of 50 done, 1 failed, 2 running (26 %)"
+    assert got["field"] == ["sd15", "7", '"style: abc, other: def"', None]
+    assert got["error"] == "ModelNotReady: sd15 is Downloading"
+    assert got["history"] == [0, 1, 2]
+    assert re.fullmatch(r"[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}", got["id"])
     assert watched.errors == []

@@ -73,6 +73,8 @@ export class GenerateView {
     this.presets = {};
     this.pending = null;
     this.downloadUrl = null;
+    this.listSeq = 0;
+    this.cnSeq = 0;
     this.pollsRequests = true; // false once the gateway shows it has no GET /v1/requests/{id}
     setUpViewer();
     $("generate-form").addEventListener("submit", (event) => {
@@ -140,21 +142,25 @@ export class GenerateView {
   /** LoRAs (and ControlNet lists, when shown) of the chosen model's instances. */
   async loadModelLists() {
     this.showPreset();
+    const seq = ++this.listSeq; // a slower answer for a model chosen before must not win
     const model = $("g-model").value;
     const select = $("g-lora");
-    const before = select.value;
     try {
       const loras = model ? await api.get(`/v1/loras?model=${encodeURIComponent(model)}`) : [];
+      if (seq !== this.listSeq) return;
+      const before = select.value; // read after the wait: the person may have chosen meanwhile
       fill(select, option("", "None"), (loras || []).map((l) => option(l.name, l.alias && l.alias !== l.name ? `${l.name} (${l.alias})` : l.name)));
       if ([...select.options].some((o) => o.value === before)) select.value = before;
     } catch (e) {
       // A model whose instances are not up cannot list its LoRAs: generate without one, or wait.
+      if (seq !== this.listSeq) return;
       fill(select, option("", `None (LoRAs unavailable: ${e.message})`));
     }
     if ($("g-cn-on").checked) await this.loadControlNetLists();
   }
 
   async loadControlNetLists() {
+    const seq = ++this.cnSeq;
     const model = encodeURIComponent($("g-model").value);
     const hint = $("g-cn-hint");
     hint.textContent = "";
@@ -163,13 +169,15 @@ export class GenerateView {
       ["g-cn-model", "/controlnet/model_list", "model_list"],
     ]) {
       const select = $(id);
-      const before = select.value;
       try {
         const answer = await api.get(`${path}?model=${model}`);
+        if (seq !== this.cnSeq) return;
+        const before = select.value;
         fill(select, option("", "Recommended for the type"), (answer[key] || []).map((x) => option(x, x)));
         if ([...select.options].some((o) => o.value === before)) select.value = before;
       } catch (e) {
         // Without the gateway's ControlNet proxies the recommended module and model still work.
+        if (seq !== this.cnSeq) return;
         fill(select, option("", "Recommended for the type"));
         hint.textContent = `The gateway did not list ControlNet choices (${e.message}); the recommended ones are used.`;
       }
