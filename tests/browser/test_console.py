@@ -118,7 +118,9 @@ def test_every_view_loads_with_no_console_errors_at_desktop_and_phone_width(
         expect(page.locator(f'[data-model="{MODEL_B}"]')).to_contain_text("Ready")
         page.click("#tab-batches")
         expect(page.locator(f'[data-batch="{console.namespace}/{BATCH}"]')).to_contain_text("50 of 50 done")
+        expect(page.locator("#batches-watch")).to_be_hidden()  # the gateway's watch is up
         page.click("#tab-training")
+        expect(page.locator("#training-watch")).to_be_hidden()
         job = page.locator(f'[data-lorajob="{console.namespace}/{LORAJOB}"]')
         expect(job).to_contain_text("1500 of 1500")
         expect(job).to_contain_text("0.07340")
@@ -202,6 +204,8 @@ def test_a_prompt_renders_an_image_of_the_chosen_model_with_queue_position_and_p
     assert infotext.startswith("a lighthouse on a cliff at dusk\nNegative prompt: blurry")
     expect(page.locator("#g-param-list")).to_contain_text("realB_v2")
     expect(page.locator("#g-status")).to_have_text("Done: realB_v2, seed 4242.")
+    page.wait_for_function("document.querySelector('#history img')?.complete")
+    screenshot(page, "console-generate-result")
     # The download is the PNG itself.
     with page.expect_download() as download:
         page.click("#g-download")
@@ -220,7 +224,6 @@ def test_a_prompt_renders_an_image_of_the_chosen_model_with_queue_position_and_p
     page.fill("#g-negative", "blurry")
     page.click("#g-submit")  # the same request again: answered from the gateway's cache at once
     expect(page.locator("#history li button")).to_have_count(2)
-    screenshot(page, "console-generate-result", full_page=False)
     assert watched.errors == []
 
 
@@ -455,6 +458,8 @@ def test_the_pages_pure_helpers(console: Console, open_page: Any) -> None:
             error: f.errorText(503, {error: 'ModelNotReady', detail: 'sd15 is Downloading'}),
             history: f.addToHistory([1, 2, 3], 0, 3),
             id: f.requestId(),
+            watch: [{up: true, staleSeconds: 0}, {up: false, staleSeconds: 34}, {up: false, reason: 'no --kubernetes'}]
+                .map(w => f.watchNote(w, 'LoRAJobs')),
         };
     }""")
     assert got["label"] == "sd15 (ScaledToZero)"
@@ -488,4 +493,9 @@ def test_the_pages_pure_helpers(console: Console, open_page: Any) -> None:
     assert got["error"] == "ModelNotReady: sd15 is Downloading"
     assert got["history"] == [0, 1, 2]
     assert re.fullmatch(r"[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}", got["id"])
+    assert got["watch"] == [
+        "",
+        "⚠ Stale: the gateway has not heard from the Kubernetes API about LoRAJobs for 34 s; this may be out of date.",
+        "⚠ The gateway does not watch LoRAJobs: no --kubernetes.",
+    ]
     assert watched.errors == []

@@ -2,7 +2,7 @@
 // (24 thumbnails a page, fetched with the key and shown through blob: URLs).
 import * as api from "./api.js";
 import { badge, fill, h } from "./dom.js";
-import { batchSummary, pageInfo } from "./format.js";
+import { batchSummary, pageInfo, watchNote } from "./format.js";
 import { Poller, updatedText } from "./poller.js";
 import { openViewer } from "./viewer.js";
 
@@ -121,6 +121,9 @@ export class BatchesView {
     }
     $("batches-error").hidden = true;
     $("batches-updated").textContent = updatedText();
+    const note = watchNote(answer.watch, "GenerationBatches");
+    $("batches-watch").textContent = note;
+    $("batches-watch").hidden = !note;
     const items = answer.items || [];
     const list = $("batches-list");
     const seen = new Set();

@@ -160,3 +160,11 @@ export function requestId(random = (n) => crypto.getRandomValues(new Uint8Array(
   const hex = Array.from(b, (x) => x.toString(16).padStart(2, "0")).join("");
   return `${hex.slice(0, 8)}-${hex.slice(8, 12)}-${hex.slice(12, 16)}-${hex.slice(16, 20)}-${hex.slice(20)}`;
 }
+
+/** What a view says about the gateway's watch of its objects ({up, staleSeconds, reason}); "" when all is well. */
+export function watchNote(watch, what) {
+  if (!watch || (watch.up && !(watch.staleSeconds > 0))) return "";
+  if (watch.reason) return `⚠ The gateway does not watch ${what}: ${watch.reason}.`;
+  const since = watch.staleSeconds > 0 ? ` for ${formatSeconds(watch.staleSeconds)}` : "";
+  return `⚠ Stale: the gateway has not heard from the Kubernetes API about ${what}${since}; this may be out of date.`;
+}

@@ -2,6 +2,7 @@
 // evaluation GenerationBatch's outputs.
 import * as api from "./api.js";
 import { badge, fill, h, table } from "./dom.js";
+import { watchNote } from "./format.js";
 import { Poller, updatedText } from "./poller.js";
 import { openViewer } from "./viewer.js";
 
@@ -43,6 +44,9 @@ export class TrainingView {
     }
     $("training-error").hidden = true;
     $("training-updated").textContent = updatedText();
+    const note = watchNote(answer.watch, "LoRAJobs");
+    $("training-watch").textContent = note;
+    $("training-watch").hidden = !note;
     const items = answer.items || [];
     const list = $("training-list");
     const seen = new Set();
