@@ -14,6 +14,7 @@ from typing import Any
 
 import pytest
 from kubernetes.client.rest import ApiException
+from urllib3.exceptions import MaxRetryError, NewConnectionError
 
 from sd_operator.batch.report import Counters, Publisher, _one_line, status
 
@@ -160,4 +161,8 @@ def test_an_api_error_is_one_short_line_without_the_response_headers() -> None:
     e.body = '{"kind":"Status","message":"Timeout: request did not complete within requested timeout"}'
     assert _one_line(e) == "HTTP 504 Gateway Timeout"
     assert _one_line(TimeoutError()) == "TimeoutError"
+    refused = NewConnectionError(None, "Failed to establish a new connection: [Errno 111] Connection refused")
+    retried = MaxRetryError(None, "/apis/sd-operator.dev/v1alpha1/namespaces/ns/generationbatches/b/status", refused)
+    line = _one_line(retried)  # not the URL and retry count: what the last attempt met
+    assert line.startswith("NewConnectionError: ") and line.endswith("[Errno 111] Connection refused"), line
     assert len(_one_line(OSError("x" * 1000))) == 300

@@ -134,6 +134,9 @@ def command(args: argparse.Namespace) -> int:
     logs.setup(logs.format_of(args))  # also when run as `python -m sd_operator.batch.cli`
     for noisy in ("botocore", "boto3", "urllib3"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    # Its "Retrying (...) after connection broken" warnings, three per failed status patch while the API
+    # server is away: the runner says so itself, once (report.Publisher).
+    logging.getLogger("urllib3.connectionpool").setLevel(logging.ERROR)
     try:
         runner = build(args)
         code = asyncio.run(_run(runner))

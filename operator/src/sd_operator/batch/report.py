@@ -247,5 +247,7 @@ def _one_line(error: BaseException) -> str:
     status, reason = getattr(error, "status", None), getattr(error, "reason", None)
     if isinstance(status, int) and status:
         return f"HTTP {status} {reason or ''}".rstrip()
+    if isinstance(reason, BaseException):  # urllib3's MaxRetryError: what the last attempt met says it
+        error = reason
     text = f"{error.__class__.__name__}: {' '.join(str(error).split())}".rstrip(": ")
     return text if len(text) <= 300 else text[:297] + "..."
