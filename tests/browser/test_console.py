@@ -22,6 +22,7 @@ from kubernetes import client
 from PIL import Image
 from playwright.sync_api import Page, expect
 
+from cluster_support import Cluster, wait_control_plane_settled
 from conftest import CLAIM, CONTROLNET_MODEL, KEY, LORA, MODEL_A, MODEL_B, Console, screenshot
 from helpers import wait_for
 from objects import GROUP, PLURAL, VERSION
@@ -32,6 +33,7 @@ VIEWS = ("generate", "fleet", "batches", "training")
 BATCH = "portraits"  # 50 outputs
 SWEEP = "mystyle-eval"  # a LoRAJob's evaluation: 2 prompts x 3 weights
 LORAJOB = "mystyle"
+XL_MODEL = "sd_xl_base_1.0.safetensors"  # declared by an SDInstance only: no instance serves it
 SWEEP_PROMPTS = ["mystyle, a lighthouse at dusk", "mystyle, portrait of an old sailor"]
 SWEEP_WEIGHTS = [0.6, 0.8, 1.0]
 
@@ -258,7 +260,7 @@ def test_a_wrong_key_is_refused_and_nothing_else_is_shown(console: Console, open
 
 def test_the_fleet_view_follows_an_sdinstance_phase_change(console: Console, open_page: Any) -> None:
     custom = client.CustomObjectsApi(console.api)
-    ns, name, model = console.namespace, "xl", "sd_xl_base_1.0.safetensors"
+    ns, name, model = console.namespace, "xl", XL_MODEL
     custom.create_namespaced_custom_object(GROUP, VERSION, ns, PLURAL, {
         "apiVersion": f"{GROUP}/{VERSION}", "kind": "SDInstance", "metadata": {"name": name},
         "spec": {"model": {"family": "sdxl", "checkpoint": {"name": model,
@@ -268,30 +270,38 @@ def test_the_fleet_view_follows_an_sdinstance_phase_change(console: Console, ope
     def status(body: dict[str, Any]) -> None:
         custom.patch_namespaced_custom_object_status(GROUP, VERSION, ns, PLURAL, name, {"status": body})
 
-    status({"phase": "Downloading", "message": "fetching the checkpoint (31%)", "replicas": 1, "readyReplicas": 0})
-    page, watched = open_page()
-    open_console(page, console, "fleet")
-    row = page.locator(f'[data-instance="{ns}/{name}"]')
-    expect(row.locator("[data-phase]")).to_have_attribute("data-phase", "Downloading")
-    expect(row).to_contain_text("↓ Downloading")  # a symbol and a word, not only a colour
-    expect(row).to_contain_text("fetching the checkpoint (31%)")
-    expect(row).to_contain_text("24GiB")
-    expect(row).to_contain_text("0 ready of 1")
-    expect(page.locator(f'[data-model="{model}"] h3')).to_contain_text("Downloading")
-    expect(page.locator("#fleet-discovery")).to_have_text("✓ Discovery is up to date.")
+    try:
+        status({"phase": "Downloading", "message": "fetching the checkpoint (31%)", "replicas": 1, "readyReplicas": 0})
+        page, watched = open_page()
+        open_console(page, console, "fleet")
+        row = page.locator(f'[data-instance="{ns}/{name}"]')
+        expect(row.locator("[data-phase]")).to_have_attribute("data-phase", "Downloading")
+        expect(row).to_contain_text("↓ Downloading")  # a symbol and a word, not only a colour
+        expect(row).to_contain_text("fetching the checkpoint (31%)")
+        expect(row).to_contain_text("24GiB")
+        expect(row).to_contain_text("0 ready of 1")
+        expect(page.locator(f'[data-model="{model}"] h3')).to_contain_text("Downloading")
+        expect(page.locator("#fleet-discovery")).to_have_text("✓ Discovery is up to date.")
+        page.click("#tab-generate")
+        expect(page.locator(f'#g-model option[value="{model}"]')).to_have_text("sd_xl_base_1.0 (Downloading)")
+        page.click("#tab-fleet")
 
-    # The page refreshes by itself: no reload between the status changes.
-    status({"phase": "Failed", "message": "fetch-model: sha256 mismatch for sd_xl_base_1.0.safetensors"})
-    expect(row.locator("[data-phase]")).to_have_attribute("data-phase", "Failed")
-    expect(row).to_contain_text("✗ Failed")
-    expect(row).to_contain_text("sha256 mismatch")
-    expect(page.locator(f'[data-model="{model}"] h3')).to_contain_text("Failed")
-    screenshot(page, "console-fleet-failed")
-    status({"phase": "Ready", "message": None, "replicas": 1, "readyReplicas": 1})
-    expect(row.locator("[data-phase]")).to_have_attribute("data-phase", "Ready")
-    expect(row).to_contain_text("1 ready of 1")
-    screenshot(page, "console-fleet")
-    custom.delete_namespaced_custom_object(GROUP, VERSION, ns, PLURAL, name)
+        # The page refreshes by itself: no reload between the status changes.
+        status({"phase": "Failed", "message": "fetch-model: sha256 mismatch for sd_xl_base_1.0.safetensors"})
+        expect(row.locator("[data-phase]")).to_have_attribute("data-phase", "Failed")
+        expect(row).to_contain_text("✗ Failed")
+        expect(row).to_contain_text("sha256 mismatch")
+        expect(page.locator(f'[data-model="{model}"] h3')).to_contain_text("Failed")
+        screenshot(page, "console-fleet-failed")
+        page.click("#tab-generate")
+        expect(page.locator(f'#g-model option[value="{model}"]')).to_have_text("sd_xl_base_1.0 (Failed)")
+        page.click("#tab-fleet")
+        status({"phase": "Ready", "message": None, "replicas": 1, "readyReplicas": 1})
+        expect(row.locator("[data-phase]")).to_have_attribute("data-phase", "Ready")
+        expect(row).to_contain_text("1 ready of 1")
+        screenshot(page, "console-fleet")
+    finally:
+        custom.delete_namespaced_custom_object(GROUP, VERSION, ns, PLURAL, name)
     expect(row).to_have_count(0)
     assert watched.errors == []
 
@@ -498,4 +508,25 @@ def test_the_pages_pure_helpers(console: Console, open_page: Any) -> None:
         "⚠ Stale: the gateway has not heard from the Kubernetes API about LoRAJobs for 34 s; this may be out of date.",
         "⚠ The gateway does not watch LoRAJobs: no --kubernetes.",
     ]
+    assert watched.errors == []
+
+
+def test_the_fleet_view_says_when_discovery_is_stale(cluster: Cluster, console: Console, open_page: Any) -> None:
+    """The API server stops: the gateway keeps its last known view, and the page says it may be out of date."""
+    if cluster.local is None:
+        pytest.skip("stopping the API server needs the session's own local cluster")
+    page, watched = open_page()
+    open_console(page, console, "fleet")
+    note = page.locator("#fleet-discovery")
+    expect(note).to_have_text("✓ Discovery is up to date.")
+    cluster.local.stop_component("kube-apiserver")
+    try:
+        expect(note).to_have_attribute("data-stale", "true", timeout=30_000)
+        expect(note).to_contain_text(re.compile(r"⚠ Stale: the gateway has not heard from the Kubernetes API for \d"))
+        expect(page.locator(f'[data-model="{MODEL_B}"]')).to_contain_text("Ready")  # the last known fleet
+        screenshot(page, "console-fleet-stale")
+    finally:
+        cluster.local.start_component("kube-apiserver")
+        wait_control_plane_settled(cluster)
+    expect(note).to_have_text("✓ Discovery is up to date.", timeout=60_000)
     assert watched.errors == []

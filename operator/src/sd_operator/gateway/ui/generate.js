@@ -10,12 +10,14 @@ import {
   modelOptionLabel,
   requestId,
 } from "./format.js";
+import { Poller } from "./poller.js";
 import { openViewer, setUpViewer } from "./viewer.js";
 
 const $ = (id) => document.getElementById(id);
 const HISTORY = "sd-console-history";
 const POLL_MS = 500;
 const THUMB_PX = 128;
+const MODELS_MS = 5000; // the model select's states (Ready, ScaledToZero, ...) follow the fleet
 
 function readHistory() {
   try {
@@ -73,9 +75,11 @@ export class GenerateView {
     this.presets = {};
     this.pending = null;
     this.downloadUrl = null;
+    this.modelChoices = null;
     this.listSeq = 0;
     this.cnSeq = 0;
     this.pollsRequests = true; // false once the gateway shows it has no GET /v1/requests/{id}
+    this.models = new Poller(() => this.refreshModels(), MODELS_MS);
     setUpViewer();
     $("generate-form").addEventListener("submit", (event) => {
       event.preventDefault();
@@ -95,9 +99,23 @@ export class GenerateView {
     this.renderHistory();
   }
 
-  start() {}
+  start() {
+    this.models.start();
+  }
 
-  stop() {}
+  stop() {
+    this.models.stop();
+  }
+
+  async refreshModels() {
+    // Not while the select is in use: replacing its options would close it under the person's hand.
+    if (document.activeElement === $("g-model")) return;
+    try {
+      this.fillModels(await api.get("/v1/models"));
+    } catch {
+      // the next round tries again; a refused key is handled by api.js
+    }
+  }
 
   /** Fills the selects; `models` is /v1/models when the key check already fetched it. */
   async load(models) {
@@ -118,13 +136,15 @@ export class GenerateView {
 
   fillModels(models) {
     const select = $("g-model");
+    const choices = (models || []).map((m) => [m.filename || m.title, modelOptionLabel(m)]);
+    const seen = JSON.stringify(choices);
+    if (seen === this.modelChoices) return; // unchanged: leave the select alone
+    this.modelChoices = seen;
     const before = select.value;
-    fill(
-      select,
-      (models || []).map((m) => option(m.filename || m.title, modelOptionLabel(m))),
-    );
-    if (!models || models.length === 0) fill(select, option("", "No model is served"));
+    if (choices.length === 0) fill(select, option("", "No model is served"));
+    else fill(select, choices.map(([value, label]) => option(value, label)));
     if ([...select.options].some((o) => o.value === before)) select.value = before;
+    if (before && select.value !== before) this.loadModelLists(); // the chosen model left the fleet
   }
 
   showPreset() {
