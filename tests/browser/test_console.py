@@ -135,6 +135,7 @@ def test_every_view_loads_with_no_console_errors_at_desktop_and_phone_width(
             "[...document.querySelectorAll('[data-lorajob] table img')].every(i => i.complete && i.naturalWidth > 0)"
         )
         suffix = "" if width > 400 else "-375"
+        assert no_horizontal_scroll(page), f"training is wider than {width} px"
         screenshot(page, f"console-training{suffix}")
         for view in VIEWS[:3]:
             page.click(f"#tab-{view}")
