@@ -1,9 +1,9 @@
 """Benchmark: N SDInstances on a local cluster with N fake GPU nodes (kwok), for one or more N.
 
 Measures the time from the first create until every instance has its children and until every one is
-Ready, the API requests the operator makes per instance (from the apiserver's audit log, by user agent;
-in total and by verb and resource), its status patches per instance, the requests it makes per minute
-when nothing changes, and its peak memory and CPU time. Each count runs on a fresh cluster of its own
+Ready, the API requests the operator makes per instance once it has started (from the apiserver's audit
+log, by user agent; in total and by verb and resource), its status patches per instance, the requests it
+makes per minute when nothing changes, and its peak memory and CPU time. Each count runs on a fresh cluster of its own
 (N GPU nodes), so the rows compare; they are printed as one markdown table (details in a JSON file).
 
     .venv/bin/python bench/sdinstances.py [--count 200 500 1000] [--idle-seconds 60]
@@ -83,11 +83,28 @@ def sdinstance(i: int) -> dict[str, Any]:
     }
 
 
+def wait_operator_settled(audit_log: Path, quiet: float = 2.0, timeout: float = 60.0) -> None:
+    """Until the operator watches SDInstances and has made no request for `quiet` seconds: its start-up
+    (API discovery, the first lists, retries while a new cluster's storage initialises) stays out of the
+    counts, which then compare across rows."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        now = time.time()
+        counts = operator_requests(audit_log, 0, now + 60)
+        recent = operator_requests(audit_log, now - quiet, now + 60)
+        if counts["watch sdinstances"] and not recent:
+            return
+        time.sleep(0.5)
+    raise SystemExit(f"the operator did not settle within {timeout:.0f}s (see {audit_log})")
+
+
 def operator_requests(audit_log: Path, start: float, end: float) -> collections.Counter[str]:
     """Operator requests in [start, end) from the audit log, keyed 'verb resource[/subresource]'."""
     counts: collections.Counter[str] = collections.Counter()
     with audit_log.open() as f:
         for line in f:
+            if not any(f'"userAgent":"{agent}' in line for agent in OPERATOR_AGENTS):
+                continue  # most lines, skipped without parsing them
             event = json.loads(line)
             if not event.get("userAgent", "").startswith(OPERATOR_AGENTS):
                 continue
@@ -204,6 +221,7 @@ def run(n: int, idle_seconds: int) -> dict[str, Any]:
                         break
                 except requests.ConnectionError:
                     time.sleep(0.2)
+            wait_operator_settled(audit_log)
             deployments.start()
             instances.start()
             cpu_before = cpu_seconds(op.pid)
