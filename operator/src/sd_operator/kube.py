@@ -27,6 +27,11 @@ RESOURCES: dict[tuple[str, str], tuple[str, str]] = {
     (f"{API_GROUP}/{API_VERSION}", "GenerationBatch"): (f"/apis/{API_GROUP}/{API_VERSION}", "generationbatches"),
 }
 _api_client: client.ApiClient | None = None
+# How long a write may hold a handler thread. With etcd down, or just back, the API server takes a write
+# and answers 504 only after its own timeout (40-60 s measured); from a server gone without closing the
+# connection no answer ever comes. A write that timed out fails like any other and its caller retries it
+# (server-side apply and merge patches are idempotent).
+REQUEST_TIMEOUT = 15.0
 
 
 def api_client() -> client.ApiClient:
@@ -53,7 +58,13 @@ def _path(obj: dict[str, Any], subresource: str = "") -> str:
     return f"{path}/{subresource}" if subresource else path
 
 
-def apply(obj: dict[str, Any], *, field_manager: str = FIELD_MANAGER, api: client.ApiClient | None = None) -> Any:
+def apply(
+    obj: dict[str, Any],
+    *,
+    field_manager: str = FIELD_MANAGER,
+    api: client.ApiClient | None = None,
+    timeout: float | None = REQUEST_TIMEOUT,
+) -> Any:
     """Server-side apply: idempotent, and fields the operator no longer renders are removed."""
     api = api or api_client()
     return api.call_api(
@@ -65,6 +76,7 @@ def apply(obj: dict[str, Any], *, field_manager: str = FIELD_MANAGER, api: clien
         response_types_map={200: "object", 201: "object"},
         auth_settings=["BearerToken"],
         _return_http_data_only=True,
+        _request_timeout=timeout,
     )
 
 
@@ -74,11 +86,10 @@ def merge_patch(
     *,
     subresource: str = "",
     api: client.ApiClient | None = None,
-    timeout: float | None = None,
+    timeout: float | None = REQUEST_TIMEOUT,
 ) -> Any:
     """A merge patch of an object (apiVersion, kind, metadata name and namespace) or of one of its
-    subresources; None when the object is gone. `timeout` (seconds) bounds the request: with etcd down
-    the API server accepts it and then answers nothing for a minute."""
+    subresources; None when the object is gone."""
     api = api or api_client()
     try:
         return api.call_api(
@@ -105,7 +116,7 @@ def patch_status(
     status: dict[str, Any],
     *,
     api: client.ApiClient | None = None,
-    timeout: float | None = None,
+    timeout: float | None = REQUEST_TIMEOUT,
 ) -> Any:
     """A merge patch of the status subresource; None when the object is gone."""
     obj = {"apiVersion": api_version, "kind": kind, "metadata": {"namespace": namespace, "name": name}}
