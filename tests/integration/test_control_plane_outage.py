@@ -12,6 +12,9 @@ While the component is stopped: the gateway answers generation requests and stil
 discovered, the runner keeps rendering. After it is back: the operator (the same process) reconciles
 what changed right after, with exactly one child of each kind per SDInstance; the runner's status shows
 the progress made meanwhile; the batch ends with every item rendered exactly once.
+
+And a runner whose API server never answers (no cluster needed): it renders everything, and gives up
+publishing its last counts at its bound.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ import contextlib
 import json
 import os
 import re
+import signal
 import subprocess
 import threading
 import time
@@ -35,10 +39,10 @@ import yaml
 from kubernetes import client
 from kubernetes.client.rest import ApiException
 
-from cluster_support import Cluster, start_operator, stop_operator, wait_control_plane_settled
+from cluster_support import Cluster, free_port, start_operator, stop_operator, wait_control_plane_settled
 from helpers import wait_for
 from objects import GROUP, PLURAL, VERSION, get, sdi, wait_phase
-from processes import BIN, Proc, _start, _wait_ok, emulator
+from processes import BIN, Proc, _start, _wait_ok, emulator, gateway
 
 # The issue's scenario: a minute without the component.
 OUTAGE_SECONDS = float(os.environ.get("SD_OUTAGE_SECONDS", "60"))
@@ -394,3 +398,63 @@ def test_operator_gateway_and_batch_runner_ride_out_a_control_plane_outage(
         stop_operator(op)
         for p in procs:
             p.stop()
+
+
+def unreachable_kubeconfig(path: Path) -> Path:
+    """A kubeconfig naming an API server that is not there (a free port on 127.0.0.1: refused)."""
+    server = f"https://127.0.0.1:{free_port()}"
+    path.write_text(yaml.safe_dump({
+        "apiVersion": "v1", "kind": "Config", "current-context": "gone",
+        "clusters": [{"name": "gone", "cluster": {"server": server, "insecure-skip-tls-verify": True}}],
+        "users": [{"name": "gone", "user": {"token": "not-a-secret"}}],
+        "contexts": [{"name": "gone", "context": {"cluster": "gone", "user": "gone"}}],
+    }))  # fmt: skip
+    return path
+
+
+def test_runner_without_an_api_server_renders_everything_and_gives_up_publishing_at_its_bound(
+    tmp_path: Path,
+) -> None:
+    """The API server is away for the whole run: the work is done all the same; the last counts are tried
+    for --final-publish-timeout (for at most 15 s after SIGTERM: the pod's grace period is 30 s), then the
+    run ends with the work's exit code."""
+    emu = emulator(tmp_path, "e", BATCH_MODEL)
+    gw = gateway(tmp_path, [emu])
+    try:
+        env = {**os.environ, "KUBECONFIG": str(unreachable_kubeconfig(tmp_path / "kubeconfig"))}
+        doc = {**batch_object("away"), "metadata": {"name": "away", "namespace": "tests", "uid": "u-away"}}
+        (tmp_path / "batch.json").write_text(json.dumps(doc))
+
+        def runner(n: int, *flags: str) -> tuple[list[str], Path]:
+            items = tmp_path / f"items-{n}.jsonl"
+            items.write_text(
+                "".join(json.dumps({"prompt": f"p {i}", "width": 64, "height": 64}) + "\n" for i in range(n))
+            )
+            out = tmp_path / f"out-{n}"
+            return [str(BIN / "sd-operator"), "batch", "--batch-file", str(tmp_path / "batch.json"),
+                    "--gateway-url", gw.url, "--report", "kubernetes", "--items-file", str(items),
+                    "--output-dir", str(out), *flags], out  # fmt: skip
+
+        cmd, out = runner(20, "--final-publish-timeout", "3")
+        done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120, check=False)
+        assert done.returncode == 0, done.stderr[-3000:]
+        assert sorted(sidecars(out)) == list(range(20))
+        warnings = [line for line in done.stderr.splitlines() if " WARNING " in line]
+        assert len(warnings) == 2, warnings
+        assert "could not publish progress: NewConnectionError" in warnings[0]
+        assert "gave up publishing the final progress after 3s" in warnings[1]
+        assert "all 20 finished items" in warnings[1]
+
+        # Stopped by SIGTERM: 15 s for the last counts, although --final-publish-timeout is the default 300 s.
+        cmd, out = runner(5000)
+        log = tmp_path / "sigterm.log"
+        with log.open("wb") as f:
+            stopped = subprocess.Popen(cmd, env=env, stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
+        wait_for(lambda: len(sidecars(out)) >= 5, timeout=60, what="some items rendered")
+        stopped.send_signal(signal.SIGTERM)
+        assert stopped.wait(timeout=120) == 143
+        text = log.read_text()
+        assert "gave up publishing the final progress after 15s" in text, text[-3000:]
+    finally:
+        gw.stop()
+        emu.stop()
