@@ -12,10 +12,12 @@ import socket
 import subprocess
 import sys
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import requests
+import urllib3
 from kubernetes import client, config
 from kubernetes.client.rest import ApiException
 
@@ -120,6 +122,25 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def write_when_back(request: Callable[[], object], timeout: float = 120) -> None:
+    """Sends a write until the API server takes it (a 409: an earlier attempt that timed out went through)."""
+
+    def attempt() -> bool:
+        try:
+            request()
+        except ApiException as e:
+            if e.status == 409:
+                return True
+            if e.status >= 500:
+                return False
+            raise
+        except urllib3.exceptions.HTTPError:  # refused, reset, timed out: the API server still away
+            return False
+        return True
+
+    wait_for(attempt, timeout=timeout, interval=0.5, what="the API server to take a write")
+
+
 def wait_control_plane_settled(cluster: Cluster, timeout: float = 150) -> None:
     """After an API server or etcd outage, waits until the controller-manager works again: a new
     namespace gets its default ServiceAccount. The controller-manager and the scheduler reconnect by
@@ -127,19 +148,6 @@ def wait_control_plane_settled(cluster: Cluster, timeout: float = 150) -> None:
     component waits for this so that the next test does not meet a half-recovered cluster."""
     core = cluster.core
     name = f"settle-{uuid.uuid4().hex[:8]}"
-
-    def created() -> bool:
-        try:
-            core.create_namespace(client.V1Namespace(metadata=client.V1ObjectMeta(name=name)))
-            return True
-        except ApiException as e:
-            if e.status == 409:
-                return True
-            if e.status >= 500:
-                return False
-            raise
-        except Exception:  # the API server still starting: connection refused or reset
-            return False
 
     def has_default_sa() -> bool:
         try:
@@ -150,7 +158,9 @@ def wait_control_plane_settled(cluster: Cluster, timeout: float = 150) -> None:
                 return False
             raise
 
-    wait_for(created, timeout=timeout, interval=0.5, what="the API server to accept writes again")
+    write_when_back(
+        lambda: core.create_namespace(client.V1Namespace(metadata=client.V1ObjectMeta(name=name))), timeout=timeout
+    )
     try:
         wait_for(has_default_sa, timeout=timeout, interval=0.5, what="the controller-manager to serve again")
     finally:

@@ -34,12 +34,17 @@ from typing import Any
 
 import pytest
 import requests
-import urllib3
 import yaml
 from kubernetes import client
-from kubernetes.client.rest import ApiException
 
-from cluster_support import Cluster, free_port, start_operator, stop_operator, wait_control_plane_settled
+from cluster_support import (
+    Cluster,
+    free_port,
+    start_operator,
+    stop_operator,
+    wait_control_plane_settled,
+    write_when_back,
+)
 from helpers import wait_for
 from objects import GROUP, PLURAL, VERSION, get, sdi, wait_phase
 from processes import BIN, Proc, _start, _wait_ok, emulator, gateway
@@ -108,25 +113,6 @@ def children(cluster: Cluster, namespace: str) -> Counter[tuple[str, str, str]]:
                 if ref.kind == "SDInstance":
                     found[(ref.name, ref.uid, kind)] += 1
     return found
-
-
-def write(request: Callable[[], object]) -> None:
-    """Sends a write until the API server takes it (a 409: an earlier attempt that timed out went through)."""
-
-    def attempt() -> bool:
-        try:
-            request()
-        except ApiException as e:
-            if e.status == 409:
-                return True
-            if e.status >= 500:
-                return False
-            raise
-        except urllib3.exceptions.HTTPError:  # refused, reset, timed out
-            return False
-        return True
-
-    wait_for(attempt, timeout=120, interval=0.5, what="the API server to take a write")
 
 
 RECORD_START = re.compile(r"(?m)^(?=\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} )")
@@ -290,9 +276,9 @@ def test_operator_gateway_and_batch_runner_ride_out_a_control_plane_outage(
         # (etcd back, the API server answers 504 until its client has reconnected: the first write that
         # passes is the earliest change anyone could make)
         c = sdi("c", gpu_pool, replicas=0)  # no GPU left in the pool; Ready with no pod
-        write(lambda: custom.create_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, c))
+        write_when_back(lambda: custom.create_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, c))
         writable = round(time.monotonic() - restarted, 1)
-        write(lambda: custom.patch_namespaced_custom_object(
+        write_when_back(lambda: custom.patch_namespaced_custom_object(
             GROUP, VERSION, namespace, PLURAL, "b", {"spec": {"webui": {"extraArgs": ["--no-hashing"]}}}
         ))  # fmt: skip
 

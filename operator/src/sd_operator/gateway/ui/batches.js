@@ -2,8 +2,8 @@
 // (24 thumbnails a page, fetched with the key and shown through blob: URLs).
 import * as api from "./api.js";
 import { badge, fill, h } from "./dom.js";
-import { batchSummary, pageInfo, watchNote } from "./format.js";
-import { Poller, updatedText } from "./poller.js";
+import { CardListView } from "./cardlist.js";
+import { batchSummary, pageInfo } from "./format.js";
 import { openViewer } from "./viewer.js";
 
 const $ = (id) => document.getElementById(id);
@@ -94,59 +94,13 @@ export class Gallery {
   }
 }
 
-export class BatchesView {
+export class BatchesView extends CardListView {
   constructor() {
-    this.cards = new Map(); // namespace/name -> {card, parts, gallery}
-    this.poller = new Poller(() => this.refresh(), 3000);
+    super({ prefix: "batches", path: "/v1/batches", kind: "GenerationBatches", one: "GenerationBatch" });
   }
 
-  start() {
-    this.poller.start();
-  }
-
-  stop() {
-    this.poller.stop();
-  }
-
-  async refresh() {
-    let answer;
-    try {
-      answer = await api.get("/v1/batches");
-    } catch (e) {
-      const error = $("batches-error");
-      error.textContent =
-        e.status === 404 ? "This gateway does not list GenerationBatches (no GET /v1/batches)." : `Could not refresh: ${e.message}`;
-      error.hidden = false;
-      return;
-    }
-    $("batches-error").hidden = true;
-    $("batches-updated").textContent = updatedText();
-    const note = watchNote(answer.watch, "GenerationBatches");
-    $("batches-watch").textContent = note;
-    $("batches-watch").hidden = !note;
-    const items = answer.items || [];
-    const list = $("batches-list");
-    const seen = new Set();
-    for (const batch of items) {
-      const key = `${batch.namespace}/${batch.name}`;
-      seen.add(key);
-      let entry = this.cards.get(key);
-      if (!entry) {
-        entry = this.card(batch, key);
-        this.cards.set(key, entry);
-      }
-      this.update(entry, batch);
-      list.append(entry.card); // keeps the gateway's order; moving an element keeps its state
-    }
-    for (const [key, entry] of this.cards) {
-      if (!seen.has(key)) {
-        entry.gallery?.release();
-        entry.card.remove();
-        this.cards.delete(key);
-      }
-    }
-    if (items.length === 0) fill(list, h("p", {}, "No GenerationBatch yet."));
-    else list.querySelector(":scope > p")?.remove();
+  release(entry) {
+    entry.gallery?.release();
   }
 
   card(batch, key) {

@@ -2,11 +2,8 @@
 // evaluation GenerationBatch's outputs.
 import * as api from "./api.js";
 import { badge, fill, h, table } from "./dom.js";
-import { watchNote } from "./format.js";
-import { Poller, updatedText } from "./poller.js";
+import { CardListView } from "./cardlist.js";
 import { openViewer } from "./viewer.js";
-
-const $ = (id) => document.getElementById(id);
 
 function of(value, total) {
   if (value === null || value === undefined) return "—";
@@ -17,62 +14,12 @@ function formatLoss(loss) {
   return typeof loss === "number" ? loss.toPrecision(4) : "—";
 }
 
-export class TrainingView {
+export class TrainingView extends CardListView {
   constructor() {
-    this.cards = new Map();
-    this.poller = new Poller(() => this.refresh(), 3000);
+    super({ prefix: "training", path: "/v1/lorajobs", kind: "LoRAJobs", one: "LoRAJob" });
   }
 
-  start() {
-    this.poller.start();
-  }
-
-  stop() {
-    this.poller.stop();
-  }
-
-  async refresh() {
-    let answer;
-    try {
-      answer = await api.get("/v1/lorajobs");
-    } catch (e) {
-      const error = $("training-error");
-      error.textContent =
-        e.status === 404 ? "This gateway does not list LoRAJobs (no GET /v1/lorajobs)." : `Could not refresh: ${e.message}`;
-      error.hidden = false;
-      return;
-    }
-    $("training-error").hidden = true;
-    $("training-updated").textContent = updatedText();
-    const note = watchNote(answer.watch, "LoRAJobs");
-    $("training-watch").textContent = note;
-    $("training-watch").hidden = !note;
-    const items = answer.items || [];
-    const list = $("training-list");
-    const seen = new Set();
-    for (const job of items) {
-      const key = `${job.namespace}/${job.name}`;
-      seen.add(key);
-      let entry = this.cards.get(key);
-      if (!entry) {
-        entry = this.card(key);
-        this.cards.set(key, entry);
-      }
-      this.update(entry, job);
-      list.append(entry.card);
-    }
-    for (const [key, entry] of this.cards) {
-      if (!seen.has(key)) {
-        this.release(entry);
-        entry.card.remove();
-        this.cards.delete(key);
-      }
-    }
-    if (items.length === 0) fill(list, h("p", {}, "No LoRAJob yet."));
-    else list.querySelector(":scope > p")?.remove();
-  }
-
-  card(key) {
+  card(_job, key) {
     const parts = {
       badge: h("span"),
       stats: h("dl", { class: "stats" }),
