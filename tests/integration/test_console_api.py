@@ -130,7 +130,9 @@ def test_the_shell_is_open_and_every_new_route_needs_a_key(tmp_path: Path, procs
 
 
 def test_request_state_while_it_waits_renders_and_is_done(tmp_path: Path, procs: list[Proc]) -> None:
-    one = emulator(tmp_path, "one", MODEL, speed=0.3)
+    # 40 steps at 30 it/s take 1.3 s at speed 1: speed 3 gives each request 4 s, so the second is
+    # sent, queued and seen queued while the first still renders, even on a loaded 2-core machine.
+    one = emulator(tmp_path, "one", MODEL, speed=3.0)
     procs.append(one)
     gw = start_gateway(tmp_path, [one])
     procs.append(gw)
