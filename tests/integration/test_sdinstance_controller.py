@@ -263,3 +263,44 @@ def test_a_label_change_reaches_the_children_without_a_spec_change(
     )
     assert cluster.apps.read_namespaced_deployment("relabel-webui", namespace).metadata.labels["team"] == "art"
     assert get(custom, namespace, "relabel")["metadata"]["generation"] == 1
+
+
+def test_a_cluster_ip_service_of_an_earlier_operator_is_made_again_headless(
+    cluster: Cluster, operator: Operator, custom: client.CustomObjectsApi, namespace: str, gpu_pool: str
+) -> None:
+    # What operators before headless instance Services applied: the same Service with a ClusterIP.
+    legacy = {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": {"name": "legacy-webui", "labels": {"sd-operator.dev/instance": "legacy"}},
+        "spec": {
+            "type": "ClusterIP",
+            "selector": {"sd-operator.dev/instance": "legacy"},
+            "ports": [{"name": "http", "port": 7860, "targetPort": "http", "protocol": "TCP"}],
+        },
+    }
+    old = cluster.core.create_namespaced_service(namespace, legacy)
+    assert old.spec.cluster_ip not in (None, "None")
+    custom.create_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, sdi("legacy", gpu_pool))
+    wait_phase(custom, namespace, "legacy", "Ready")
+    service = cluster.core.read_namespaced_service("legacy-webui", namespace)
+    assert service.spec.cluster_ip == "None" and service.metadata.uid != old.metadata.uid
+    assert service.metadata.owner_references[0].name == "legacy"
+    events = cluster.core.list_namespaced_event(namespace, field_selector="involvedObject.name=legacy").items
+    assert [e.message for e in events if e.reason == "ServiceRecreated"] == [
+        "Service legacy-webui made again headless (clusterIP: None); its ClusterIP is released"
+    ]
+    # The new Service's EndpointSlice lists the ready pod, as the gateways' discovery needs.
+    slices = wait_for(
+        lambda: [
+            s
+            for s in client.DiscoveryV1Api(cluster.api)
+            .list_namespaced_endpoint_slice(namespace, label_selector="kubernetes.io/service-name=legacy-webui")
+            .items
+            if any(e.conditions.ready for e in s.endpoints or [])
+        ],
+        timeout=30,
+        what="a ready endpoint in the headless Service's EndpointSlice",
+    )
+    assert slices[0].metadata.owner_references[0].uid == service.metadata.uid
+    assert "Traceback" not in operator.log()

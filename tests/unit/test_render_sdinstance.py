@@ -855,6 +855,8 @@ def test_service_selects_the_deployment_pods() -> None:
     assert service["spec"]["selector"].items() <= dep["spec"]["template"]["metadata"]["labels"].items()
     assert service["spec"]["ports"] == [{"name": "http", "port": 8080, "targetPort": "http", "protocol": "TCP"}]
     assert service["metadata"]["labels"]["sd-operator.dev/model"] == "ckpt.safetensors"
+    # Headless: the gateway routes to the pods of the EndpointSlices itself; no virtual IP to allocate.
+    assert (service["spec"]["type"], service["spec"]["clusterIP"]) == ("ClusterIP", "None")
 
 
 def test_service_model_label_is_label_safe() -> None:

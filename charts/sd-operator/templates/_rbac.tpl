@@ -33,8 +33,12 @@ namespace holds them.
   resources: [deployments]
   verbs: [get, create, patch]
 - apiGroups: [""]
-  resources: [services, serviceaccounts]
+  resources: [serviceaccounts]
   verbs: [get, create, patch]
+# delete: an instance Service an earlier operator made with a ClusterIP is made again headless.
+- apiGroups: [""]
+  resources: [services]
+  verbs: [get, create, patch, delete]
 # ConfigMaps: the WebUI settings it applies, and the gateways' demand reports it watches (autoscaling).
 - apiGroups: [""]
   resources: [configmaps]

@@ -108,6 +108,30 @@ def merge_patch(
         raise
 
 
+def delete(
+    obj: dict[str, Any], *, api: client.ApiClient | None = None, timeout: float | None = REQUEST_TIMEOUT
+) -> bool:
+    """Deletes an object (apiVersion, kind, metadata name and namespace), its dependents in the background;
+    False when it was already gone."""
+    api = api or api_client()
+    try:
+        api.call_api(
+            _path(obj),
+            "DELETE",
+            header_params={"Content-Type": "application/json", "Accept": "application/json"},
+            body={"propagationPolicy": "Background"},
+            response_types_map={200: "object", 202: "object"},
+            auth_settings=["BearerToken"],
+            _return_http_data_only=True,
+            _request_timeout=timeout,
+        )
+    except ApiException as e:
+        if e.status == 404:
+            return False
+        raise
+    return True
+
+
 def patch_status(
     api_version: str,
     kind: str,

@@ -29,6 +29,7 @@ from collections.abc import Callable, Hashable, Iterable, Mapping
 from typing import Any
 
 import kopf
+from kubernetes.client.exceptions import ApiException
 from pydantic import ValidationError
 
 from sd_operator import API_GROUP, API_VERSION, kube
@@ -252,7 +253,7 @@ def reconcile(key: tuple[str, str], view: dict[str, Any], logger: Logger, instan
         hashes = {cid: child_hash(c, autoscaled=item is not None) for cid, c in children.items()}
         todo = _applied.plan(key, uid, generation, hashes)
         for cid in todo:
-            kube.apply(children[cid])
+            apply_child(children[cid], logger, _ref(namespace, name, uid))
             _applied.remember(key, uid, generation, cid, hashes[cid])
         _applied.completed(key, uid, generation)
         observed = (_memo.last(key) or view["status"]).get("observedGeneration")
@@ -262,6 +263,31 @@ def reconcile(key: tuple[str, str], view: dict[str, Any], logger: Logger, instan
         # Coalesced with the pod changes that follow (a new instance's pods often start within it): one
         # status write where the phases of the first second would each have taken one.
         request_status(key, instances, pods)
+
+
+def apply_child(child: dict[str, Any], logger: Logger, ref: dict[str, Any]) -> None:
+    """Server-side applies one child. An instance Service made by an earlier operator (before they were
+    headless) holds a ClusterIP, which cannot be taken back: it is deleted and made again, headless (its
+    EndpointSlices go and come back with it, so for that moment the gateways route no new request to it)."""
+    try:
+        kube.apply(child)
+    except ApiException as e:
+        if not cluster_ip_was_set(child, e):
+            raise
+        kube.delete(child)
+        kube.apply(child)
+        message = (
+            f"Service {child['metadata']['name']} made again headless (clusterIP: None); its ClusterIP is released"
+        )
+        logger.info("%s", message)
+        kopf.event(ref, type="Normal", reason="ServiceRecreated", message=message)
+
+
+def cluster_ip_was_set(child: dict[str, Any], error: ApiException) -> bool:
+    """The API server refused a headless Service because the live one holds a ClusterIP (immutable)."""
+    if child["kind"] != "Service" or child["spec"].get("clusterIP") != "None" or error.status != 422:
+        return False
+    return "spec.clusterIP" in str(error.body) and "may not change once set" in str(error.body)
 
 
 # ---------------------------------------------------------------------------------------------

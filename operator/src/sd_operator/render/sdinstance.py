@@ -435,6 +435,10 @@ def render_deployment(
 
 
 def render_service(owner: dict[str, Any], spec: SDInstanceSpec) -> dict[str, Any]:
+    """A headless Service: its EndpointSlices tell the gateway each pod (it picks an idle one itself, which
+    a virtual IP's blind balancing could not), and its DNS name resolves to the ready pods. A ClusterIP
+    would cost an allocation per instance (serialised in the API server: the slowest child at 1,000
+    instances) and a kube-proxy rule set on every node, for an address nothing uses."""
     meta = owner["metadata"]
     return {
         "apiVersion": "v1",
@@ -448,6 +452,7 @@ def render_service(owner: dict[str, Any], spec: SDInstanceSpec) -> dict[str, Any
         },
         "spec": {
             "type": "ClusterIP",
+            "clusterIP": "None",
             "selector": selector_labels(meta["name"]),
             "ports": [{"name": "http", "port": spec.webui.port, "targetPort": "http", "protocol": "TCP"}],
         },
