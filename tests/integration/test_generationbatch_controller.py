@@ -8,6 +8,7 @@ passed through spec.podMetadata.
 
 from __future__ import annotations
 
+import uuid
 from typing import Any
 
 from kubernetes import client
@@ -167,3 +168,45 @@ def test_deletion_removes_the_job_and_ttl_removes_the_batch(
             return e.status == 404
 
     wait_for(gone, timeout=60, what="the finished batch to be removed after its TTL")
+
+
+def test_namespace_deletion_with_a_suspended_batch_is_quiet(
+    cluster: Cluster, operator: Operator, custom: client.CustomObjectsApi
+) -> None:
+    """Tearing down a namespace deletes the batch's Job, sometimes before the batch (the namespace controller
+    takes the kinds in no fixed order): the controller must not apply the children again into the
+    terminating namespace (403 "because it is being terminated"), nor log that refusal as a failure.
+
+    Three namespaces, one suspended batch each, so that at least one Job likely goes first (each is a coin
+    toss; without the fix this failed 3 runs of 3)."""
+    core = cluster.core
+    names = [f"t-gb-teardown-{uuid.uuid4().hex[:6]}" for _ in range(3)]
+    try:
+        for ns in names:
+            core.create_namespace(client.V1Namespace(metadata=client.V1ObjectMeta(name=ns)))
+            custom.create_namespaced_custom_object(GROUP, VERSION, ns, PLURAL, batch("b7", suspend=True))
+        for ns in names:
+            wait_batch_phase(custom, ns, "b7", "Suspended")
+            wait_for(
+                lambda ns=ns: cluster.batch.list_namespaced_job(ns).items, timeout=30, what=f"the Job of b7 in {ns}"
+            )
+    finally:
+        start = len(operator.log())
+        for ns in names:
+            core.delete_namespace(ns)
+
+    def gone(ns: str) -> bool:
+        try:
+            core.read_namespace(ns)
+            return False
+        except ApiException as e:
+            return e.status == 404
+
+    for ns in names:
+        wait_for(lambda ns=ns: gone(ns), timeout=120, what=f"namespace {ns} to go")
+    # A Job's DELETED event is handled while its namespace still exists (the namespace waits for the Job's
+    # pods and the Events to go, seconds): what the operator said about it is in the log by now.
+    log = operator.log()[start:]
+    assert "Traceback" not in log, log[-4000:]
+    failures = [line for line in log.splitlines() if any(ns in line for ns in names) and " ERROR " in line]
+    assert not failures and "reconcile failed" not in log, failures

@@ -6,6 +6,7 @@ this batch's status); the controller owns phase, conditions, start and completio
 
 from __future__ import annotations
 
+import json
 import logging
 from typing import Any
 
@@ -69,6 +70,23 @@ def _owner(namespace: str, name: str, uid: str, labels: dict[str, str] | None = 
     return owner_object(KIND, namespace, name, uid, labels)
 
 
+def namespace_going(error: ApiException) -> bool:
+    """The API server refused a write because the namespace is being deleted (403 with the cause
+    NamespaceTerminating) or is gone (404 on an apply, which creates): children cannot, and need not, be made."""
+    if error.status == 404:
+        return True
+    if error.status != 403:
+        return False
+    try:
+        doc = json.loads(error.body or "{}")
+    except (TypeError, ValueError):
+        doc = {}
+    causes = ((doc.get("details") or {}).get("causes") or []) if isinstance(doc, dict) else []
+    if any(c.get("reason") == "NamespaceTerminating" or c.get("type") == "NamespaceTerminating" for c in causes):
+        return True
+    return "because it is being terminated" in str(error.body)
+
+
 def apply_children(owner: dict[str, Any], raw_spec: dict[str, Any], spec: GenerationBatchSpec, model: str) -> None:
     s = operator_settings()
     settings = RenderSettings(
@@ -103,7 +121,14 @@ def reconcile(body: kopf.Body, spec: kopf.Spec, name: str, namespace: str, logge
         return  # finished work is not started again
     model = resolve_model(parsed, namespace)
     owner = _owner(namespace, name, body.meta["uid"], dict(body.meta.get("labels") or {}))
-    apply_children(owner, dict(spec), parsed, model)
+    try:
+        apply_children(owner, dict(spec), parsed, model)
+    except ApiException as e:
+        if not namespace_going(e):
+            raise
+        # The batch goes with its namespace: nothing to make, and nothing to retry.
+        logger.info("namespace %s is being deleted; the batch's Job is not made", namespace)
+        return
     logger.info("applied GenerationBatch job for model %s", model)
     # Written now rather than through kopf's `patch` (sent after the handler returns), so a newer
     # phase written meanwhile from the Job's events is not overwritten by this older view.
@@ -157,7 +182,13 @@ def derive_status(job: dict[str, Any], previous: dict[str, Any], generation: int
 
 @kopf.on.event("batch", "v1", "jobs", labels={BATCH_LABEL: kopf.PRESENT})
 def job_changed(
-    type: str, body: kopf.Body, namespace: str, labels: kopf.Labels, generationbatches_by_name: kopf.Index, **_: Any
+    type: str,
+    body: kopf.Body,
+    namespace: str,
+    labels: kopf.Labels,
+    generationbatches_by_name: kopf.Index,
+    logger: logging.Logger,
+    **_: Any,
 ) -> None:
     name = labels[BATCH_LABEL]
     key = (namespace, name)
@@ -181,7 +212,16 @@ def job_changed(
             # Someone deleted an unfinished Job: start it again; the runner resumes.
             parsed = GenerationBatchSpec.model_validate(batch["spec"])
             owner = _owner(namespace, name, batch["uid"], batch["labels"])
-            apply_children(owner, batch["spec"], parsed, resolve_model(parsed, namespace))
+            try:
+                # The model the Job ran with: a target SDInstance may be gone already, with the namespace.
+                model = batch["status"].get("model") or resolve_model(parsed, namespace)
+                apply_children(owner, batch["spec"], parsed, model)
+            except ApiException as e:
+                if not namespace_going(e):
+                    raise
+                # A namespace's deletion removes the Job, possibly before it removes the batch (the index
+                # does not say "deleting" yet): the Job is not made again, and the refusal is no error.
+                logger.info("namespace %s is being deleted; the Job of %s is not made again", namespace, name)
         return
     with _memo.lock(key):
         previous = _memo.last(key) or batch["status"]
