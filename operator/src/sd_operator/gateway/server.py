@@ -24,30 +24,58 @@ from sd_operator.gateway.registry import load_backends_file
 log = logging.getLogger("sd_operator.gateway")
 
 
-async def sync_backends_file(state: State, path: Path) -> None:
-    """Adds and removes backends to match the file; a backend that does not answer is retried later."""
-    wanted = {b.url: b for b in load_backends_file(path, state.cfg.inflight_per_backend)}
-    current = {b.url: b for b in state.dispatcher.all_backends()}
-    for url, backend in current.items():
-        if url not in wanted:
+def file_changes(
+    owned: dict[str, Backend], listed: list[Backend], served: set[str]
+) -> tuple[list[Backend], list[Backend]]:
+    """What a re-read of the backends file changes (pure): which of the file's own backends go (no longer
+    listed) and which listed ones come (new to the file, and not served already from another source).
+
+    Only backends the file brought are ever removed: those Kubernetes discovery found are its own, and a
+    file change must not drop them (nor a discovery update the file's)."""
+    wanted = {b.url: b for b in listed}
+    gone = [b for url, b in owned.items() if url not in wanted]
+    new = [b for url, b in wanted.items() if url not in owned and url not in served]
+    return gone, new
+
+
+class FileBackends:
+    """The backends that came from --backends-file, by URL: the file's source of the backend set."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.owned: dict[str, Backend] = {}
+
+    def pending(self, state: State) -> bool:
+        """Some listed backend is not served yet (it did not answer before): worth a sync."""
+        served = {b.url for b in state.dispatcher.all_backends()}
+        return bool({b.url for b in load_backends_file(self.path, 1)} - served)
+
+    async def sync(self, state: State) -> None:
+        """Adds and removes the file's backends to match it; a backend that does not answer is retried later."""
+        listed = load_backends_file(self.path, state.cfg.inflight_per_backend)
+        others = {b.url for b in state.dispatcher.all_backends()} - set(self.owned)
+        gone, new = file_changes(self.owned, listed, others)
+        for backend in gone:
+            del self.owned[backend.url]
             state.dispatcher.remove(backend)
-            log.info("backend %s removed", url)
-    for url, backend in wanted.items():
-        if url not in current and not await state.add_backend(backend):
-            log.warning("backend %s does not answer yet; retrying", url)
+            log.info("backend %s removed", backend.url)
+        for backend in new:
+            if await state.add_backend(backend):
+                self.owned[backend.url] = backend
+            else:
+                log.warning("backend %s does not answer yet; retrying", backend.url)
 
 
 async def watch_backends_file(state: State, path: Path, interval: float = 2.0) -> None:
     """Backends come and go without a restart: the file is re-read when it changes (and periodically,
     which also retries backends that did not answer before)."""
+    source = FileBackends(path)
     last = None
     while True:
         try:
             stamp = path.stat().st_mtime_ns  # noqa: ASYNC240 - one stat of a small local file
-            known = {b.url for b in state.dispatcher.all_backends()}
-            pending = {b.url for b in load_backends_file(path, 1)} - known
-            if stamp != last or pending:
-                await sync_backends_file(state, path)
+            if stamp != last or source.pending(state):
+                await source.sync(state)
                 last = stamp
         except (OSError, ValueError) as e:
             log.error("backends file %s: %s", path, e)
