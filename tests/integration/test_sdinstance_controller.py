@@ -220,7 +220,7 @@ def _applied_lines(operator: Operator, namespace: str, name: str) -> list[str]:
     return [line for line in operator.log().splitlines() if line.startswith(prefix)]
 
 
-def test_children_are_applied_once_per_generation_and_a_child_deleted_by_hand_returns_with_the_next(
+def test_children_are_applied_once_per_generation_and_one_deleted_by_hand_returns_at_once(
     cluster: Cluster, operator: Operator, custom: client.CustomObjectsApi, namespace: str, gpu_pool: str
 ) -> None:
     custom.create_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, sdi("once", gpu_pool))
@@ -232,17 +232,33 @@ def test_children_are_applied_once_per_generation_and_a_child_deleted_by_hand_re
     # Unchanged children are not applied again, and an unchanged status is not written again.
     assert get(custom, namespace, "once")["metadata"]["resourceVersion"] == first["metadata"]["resourceVersion"]
 
-    # Deleted by hand: back with the next spec change (a new generation applies every child again).
-    cluster.core.delete_namespaced_service("once-webui", namespace)
-    custom.patch_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, "once", {"spec": {"replicas": 0}})
-    wait_for(
-        lambda: cluster.core.list_namespaced_service(namespace, field_selector="metadata.name=once-webui").items,
+    # Deleted by hand: applied again at once, without a spec change, and only that child.
+    net = client.NetworkingV1Api(cluster.api)
+    old = net.read_namespaced_network_policy("once-webui", namespace)
+    net.delete_namespaced_network_policy("once-webui", namespace)
+    back = wait_for(
+        lambda: net.list_namespaced_network_policy(namespace, field_selector="metadata.name=once-webui").items,
         timeout=30,
-        what="the deleted Service to be applied again",
+        what="the deleted NetworkPolicy to be applied again",
+    )
+    assert back[0].metadata.uid != old.metadata.uid and back[0].spec.pod_selector == old.spec.pod_selector
+    wait_for(lambda: len(_applied_lines(operator, namespace, "once")) > 1, what="the log line of the apply")
+    lines = _applied_lines(operator, namespace, "once")
+    assert len(lines) == 2 and lines[1].endswith(": NetworkPolicy/once-webui")
+    # The Deployment too; its pods are made again and the instance is Ready again, still generation 1.
+    cluster.apps.delete_namespaced_deployment("once-webui", namespace)
+    wait_for(
+        lambda: len(_applied_lines(operator, namespace, "once")) == 3, timeout=30, what="the Deployment applied again"
+    )
+    assert _applied_lines(operator, namespace, "once")[2].endswith(": Deployment/once-webui")
+    wait_for(
+        lambda: (cluster.apps.read_namespaced_deployment("once-webui", namespace).status.ready_replicas or 0) == 1,
+        timeout=60,
+        what="the new Deployment's pod to be ready",
     )
     obj = wait_phase(custom, namespace, "once", "Ready")
-    assert obj["status"]["ready"] == "0/0" and obj["status"]["observedGeneration"] == 2
-    assert len(_applied_lines(operator, namespace, "once")) == 2
+    assert obj["metadata"]["generation"] == 1 and obj["status"]["observedGeneration"] == 1
+    assert "Traceback" not in operator.log()
 
 
 def test_a_label_change_reaches_the_children_without_a_spec_change(

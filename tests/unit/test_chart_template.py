@@ -21,6 +21,7 @@ from sd_operator.api.generationbatch import GenerationBatchSpec
 from sd_operator.api.lorajob import LoRAJobSpec
 from sd_operator.api.sdinstance import SDInstanceSpec
 from sd_operator.cli import build_parser
+from sd_operator.controllers.sdinstance import CHILD_KINDS
 from sd_operator.gateway.auth import KeyStore
 from sd_operator.gateway.presets import PresetStore
 from sd_operator.render import generationbatch as gb
@@ -188,6 +189,27 @@ def test_rbac_has_no_wildcards(scenario: str) -> None:
             assert not any("*" in value for value in rule.get(field, [])), rule
         assert not rule.get("nonResourceURLs"), rule
         assert not {"escalate", "bind", "impersonate"} & set(rule["verbs"]), rule
+
+
+@pytest.mark.parametrize("scenario", ["defaults", "namespaced"])
+def test_the_operator_may_watch_and_apply_every_child_kind_it_watches(scenario: str) -> None:
+    """The kinds the SDInstance controller watches (a child deleted by hand comes back), as its RBAC sees them;
+    and delete on Services (a ClusterIP Service of an earlier operator is made again headless)."""
+    objs = render(*SCENARIOS[scenario])
+    operator_roles = [
+        o for o in objs if o["kind"] in ("Role", "ClusterRole") and o["metadata"]["name"] == OPERATOR
+    ]
+    assert operator_roles
+    for role in operator_roles:
+        for group, _version, plural in CHILD_KINDS:
+            verbs = {
+                v for r in role["rules"] if group in r["apiGroups"] and plural in r["resources"] for v in r["verbs"]
+            }
+            assert {"get", "list", "watch", "create", "patch"} <= verbs, (role["kind"], plural, verbs)
+        services = {
+            v for r in role["rules"] if "" in r["apiGroups"] and "services" in r["resources"] for v in r["verbs"]
+        }
+        assert "delete" in services
 
 
 @pytest.mark.parametrize("scenario", SCENARIOS)

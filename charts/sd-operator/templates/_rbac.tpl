@@ -29,23 +29,25 @@ namespace holds them.
 - apiGroups: [batch]
   resources: [jobs]
   verbs: [get, list, watch, create, patch]
+# The SDInstances' children (Deployments, Services, NetworkPolicies, ConfigMaps) are also watched: one
+# deleted by hand is applied again at once.
 - apiGroups: [apps]
   resources: [deployments]
-  verbs: [get, create, patch]
+  verbs: [get, list, watch, create, patch]
 - apiGroups: [""]
   resources: [serviceaccounts]
   verbs: [get, create, patch]
 # delete: an instance Service an earlier operator made with a ClusterIP is made again headless.
 - apiGroups: [""]
   resources: [services]
-  verbs: [get, create, patch, delete]
+  verbs: [get, list, watch, create, patch, delete]
 # ConfigMaps: the WebUI settings it applies, and the gateways' demand reports it watches (autoscaling).
 - apiGroups: [""]
   resources: [configmaps]
   verbs: [get, list, watch, create, patch]
 - apiGroups: [networking.k8s.io]
   resources: [networkpolicies]
-  verbs: [get, create, patch]
+  verbs: [get, list, watch, create, patch]
 # The runner's and trainer's Roles (patch of one batch's or LoRAJob's status) and their bindings.
 - apiGroups: [rbac.authorization.k8s.io]
   resources: [roles, rolebindings]

@@ -13,7 +13,8 @@ from kubernetes.client.rest import ApiException
 from prometheus_client import start_http_server
 
 from sd_operator import API_GROUP, kube, logs
-from sd_operator.gateway.demand import DEMAND_LABEL
+from sd_operator.controllers.sdinstance import CHILD_KINDS
+from sd_operator.render.common import INSTANCE_LABEL, MANAGED_BY
 
 log = logging.getLogger("sd_operator")
 DEFAULT_PEERING = "sd-operator"
@@ -35,9 +36,13 @@ def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
     # Threads for the synchronous handlers (kopf's default: CPUs + 4). Their work is mostly waiting for the
     # API server; as many as the API client's connection pool holds (CPUs x 5) keep it busy.
     settings.execution.max_workers = kube.api_client().configuration.connection_pool_maxsize
-    # The only ConfigMaps the operator reads are the gateways' demand reports: a server-side selector keeps
-    # every other ConfigMap of the cluster out of its watch (kopf's labels= filters only on arrival).
-    settings.watching.label_selectors["configmaps"] = f"{DEMAND_LABEL}=true"
+    # Server-side selectors keep every other object of these kinds out of the operator's watches (kopf's
+    # labels= filters only on arrival): the ConfigMaps it reads are the gateways' demand reports and the
+    # SDInstances' own (both managed by sd-operator); the other kinds, the SDInstances' children.
+    settings.watching.label_selectors["configmaps"] = f"app.kubernetes.io/managed-by={MANAGED_BY}"
+    for group, version, plural in CHILD_KINDS:
+        if plural != "configmaps":
+            settings.watching.label_selectors[group, version, plural] = INSTANCE_LABEL
 
 
 def ensure_peering(name: str, namespaces: list[str], clusterwide: bool) -> None:

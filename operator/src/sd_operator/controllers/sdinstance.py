@@ -2,9 +2,9 @@
 
 Level-based: every event of an SDInstance (and a retry after a failure) runs `reconcile`, which renders
 all children and applies those this process has not applied yet as rendered: all of them for a new
-generation and on first sight after a start (a spec change re-applies every child, so one deleted by
-hand comes back then), within a generation only a child whose rendering changed (the owner's labels,
-say). The events of an instance's own status writes therefore cost no request. kopf writes nothing to
+generation and on first sight after a start, within a generation only a child whose rendering changed
+(the owner's labels, say) or that was deleted (the children are watched: one deleted by hand comes back
+at once). The events of an instance's own status writes therefore cost no request. kopf writes nothing to
 SDInstances (but the finalizer of the autoscaler's timer): there are no create/update/resume handlers,
 so no last-handled annotation to patch after each, and no handler that kopf could run twice (under load
 it re-ran the create handler on the stale event of the status written during the handler: its own
@@ -58,7 +58,7 @@ Index = Mapping[Any, Iterable[dict[str, Any]]]  # a kopf.Index (or a dict of lis
 _memo = StatusMemo()
 scaling = ScaleStore()  # autoscaled instances (controllers/autoscaler.py changes their counts)
 _applied = AppliedMemo()
-_status_pending, _retry_pending = Pending(), Pending()
+_status_pending, _retry_pending, _heal_pending = Pending(), Pending(), Pending()
 _status_backoff, _retry_backoff = Backoff(first=2.0), Backoff()
 
 
@@ -233,7 +233,17 @@ def _retry(key: tuple[str, str], instances: Index, pods: Index) -> None:
         return
     (view,) = instances[key]
     if not view["deleting"]:
-        reconcile_or_retry(key, view, log, instances, pods)
+        reconcile_or_retry(key, view, object_log(key), instances, pods)
+
+
+class _ObjectLog(logging.LoggerAdapter[logging.Logger]):
+    def process(self, msg: Any, kwargs: Any) -> tuple[Any, Any]:
+        return f"[{self.extra['object']}] {msg}", kwargs  # type: ignore[index]
+
+
+def object_log(key: tuple[str, str]) -> Logger:
+    """The module's logger, its lines prefixed like kopf's per-object ones ("[namespace/name] ...")."""
+    return _ObjectLog(log, {"object": f"{key[0]}/{key[1]}"})
 
 
 @instrumented(CONTROLLER)
@@ -288,6 +298,43 @@ def cluster_ip_was_set(child: dict[str, Any], error: ApiException) -> bool:
     if child["kind"] != "Service" or child["spec"].get("clusterIP") != "None" or error.status != 422:
         return False
     return "spec.clusterIP" in str(error.body) and "may not change once set" in str(error.body)
+
+
+# ---------------------------------------------------------------------------------------------
+# Children deleted by hand come back at once (as controller-runtime's Owns() would make them): a
+# NetworkPolicy deleted and not restored would leave the WebUI open to every pod. The children's watches
+# carry a server-side label selector (run.py); their other events (a Deployment's status) cost no request.
+
+CHILD_KINDS = (("apps", "v1", "deployments"), ("", "v1", "services"), ("networking.k8s.io", "v1", "networkpolicies"),
+               ("", "v1", "configmaps"))  # fmt: skip
+
+
+async def child_event(
+    type: str,
+    body: kopf.Body,
+    namespace: str,
+    labels: kopf.Labels,
+    sdinstances_by_name: kopf.Index,
+    instance_pods: kopf.Index,
+    **_: Any,
+) -> None:
+    if type != "DELETED":
+        return
+    key = (namespace, labels[INSTANCE_LABEL])
+    if key not in sdinstances_by_name:
+        return  # the instance is gone: its children follow it (garbage collection)
+    (view,) = sdinstances_by_name[key]
+    owners = {ref.get("uid") for ref in body.meta.get("ownerReferences") or []}
+    if view["deleting"] or view["uid"] not in owners:
+        return  # going with its instance, or a child of an earlier instance of that name
+    cid = child_id(dict(body))
+    _applied.lost(key, cid)
+    object_log(key).info("%s was deleted; applying it again", cid)
+    later(_heal_pending, key, 0.0, lambda: _retry(key, sdinstances_by_name, instance_pods))
+
+
+for _group, _version, _plural in CHILD_KINDS:
+    kopf.on.event(_group, _version, _plural, labels={INSTANCE_LABEL: kopf.PRESENT})(child_event)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -61,8 +61,8 @@ def children_to_apply(
 
     All of them on first sight (after a start nothing is known about the live children), for a new uid
     (an object deleted and created again under the same name) and for a new generation: a spec change
-    re-applies every child, so one deleted by hand comes back then. Within a generation only the children
-    whose rendering changed (the owner's labels, say) or whose apply has not succeeded yet."""
+    re-applies every child. Within a generation only the children whose rendering changed (the owner's
+    labels, say), whose apply has not succeeded yet, or that were deleted since (AppliedMemo.lost)."""
     if applied is None or applied.uid != uid or applied.generation != generation:
         return list(rendered)
     return [child for child, digest in rendered.items() if applied.hashes.get(child) != digest]
@@ -94,6 +94,13 @@ class AppliedMemo:
             if item is None or item.uid != uid or item.generation != generation:
                 item = self._items[key] = Applied(uid, generation)
             item.complete = True
+
+    def lost(self, key: Key, child: str) -> None:
+        """A child is gone (deleted by hand): the next reconcile applies it again."""
+        with self._guard:
+            item = self._items.get(key)
+            if item is not None:
+                item.hashes.pop(child, None)
 
     def observed(self, key: Key) -> int | None:
         """The generation whose children this process has all applied (the status's observedGeneration);
