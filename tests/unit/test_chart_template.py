@@ -196,9 +196,7 @@ def test_the_operator_may_watch_and_apply_every_child_kind_it_watches(scenario: 
     """The kinds the SDInstance controller watches (a child deleted by hand comes back), as its RBAC sees them;
     and delete on Services (a ClusterIP Service of an earlier operator is made again headless)."""
     objs = render(*SCENARIOS[scenario])
-    operator_roles = [
-        o for o in objs if o["kind"] in ("Role", "ClusterRole") and o["metadata"]["name"] == OPERATOR
-    ]
+    operator_roles = [o for o in objs if o["kind"] in ("Role", "ClusterRole") and o["metadata"]["name"] == OPERATOR]
     assert operator_roles
     for role in operator_roles:
         for group, _version, plural in CHILD_KINDS:
