@@ -34,6 +34,7 @@ from pydantic import ValidationError
 
 from sd_operator import API_GROUP, API_VERSION, kube
 from sd_operator.api.sdinstance import Phase, SDInstanceSpec
+from sd_operator.controllers.generationbatch import namespace_going
 from sd_operator.controllers.scalestore import ScaleStore
 from sd_operator.controllers.sdinstance_status import derive_status, pod_view
 from sd_operator.controllers.statusmemo import AppliedMemo, Backoff, Pending, StatusMemo
@@ -218,13 +219,27 @@ def reconcile_or_retry(
         _retry_backoff.succeeded(key)
         logger.error("%s", e)
         kopf.event(ref, type="Warning", reason="InvalidSpec", message=str(e))
+    except ApiException as e:
+        if not namespace_going(e):
+            raise_later(key, e, logger, ref, instances, pods)
+            return
+        # A namespace's deletion can remove a child before the instance is marked deleting: nothing to make.
+        _retry_backoff.succeeded(key)
+        logger.info("namespace %s is being deleted; the children are not applied again", key[0])
     except Exception as e:
-        delay = _retry_backoff.failed(key)
-        logger.error("reconcile failed (%s: %s); again in %.0fs", type(e).__name__, e, delay)
-        kopf.event(ref, type="Warning", reason="ReconcileError", message=f"{type(e).__name__}: {e}")
-        later(_retry_pending, key, delay, lambda: _retry(key, instances, pods))
+        raise_later(key, e, logger, ref, instances, pods)
     else:
         _retry_backoff.succeeded(key)
+
+
+def raise_later(
+    key: tuple[str, str], e: Exception, logger: Logger, ref: dict[str, Any], instances: Index, pods: Index
+) -> None:
+    """A failed reconcile: logged, posted as a Warning Event, retried with backoff."""
+    delay = _retry_backoff.failed(key)
+    logger.error("reconcile failed (%s: %s); again in %.0fs", type(e).__name__, e, delay)
+    kopf.event(ref, type="Warning", reason="ReconcileError", message=f"{type(e).__name__}: {e}")
+    later(_retry_pending, key, delay, lambda: _retry(key, instances, pods))
 
 
 def _retry(key: tuple[str, str], instances: Index, pods: Index) -> None:
