@@ -6,7 +6,7 @@ import json
 
 from kubernetes.client.rest import ApiException
 
-from sd_operator.controllers.generationbatch import namespace_going
+from sd_operator.kube import namespace_going
 
 
 def error(status: int, body: dict[str, object] | str) -> ApiException:

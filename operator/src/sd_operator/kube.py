@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 from kubernetes import client, config
@@ -145,3 +146,20 @@ def patch_status(
     """A merge patch of the status subresource; None when the object is gone."""
     obj = {"apiVersion": api_version, "kind": kind, "metadata": {"namespace": namespace, "name": name}}
     return merge_patch(obj, {"status": status}, subresource="status", api=api, timeout=timeout)
+
+
+def namespace_going(error: ApiException) -> bool:
+    """The API server refused a write because the namespace is being deleted (403 with the cause
+    NamespaceTerminating) or is gone (404 on an apply, which creates): children cannot, and need not, be made."""
+    if error.status == 404:
+        return True
+    if error.status != 403:
+        return False
+    try:
+        doc = json.loads(error.body or "{}")
+    except (TypeError, ValueError):
+        doc = {}
+    causes = ((doc.get("details") or {}).get("causes") or []) if isinstance(doc, dict) else []
+    if any(c.get("reason") == "NamespaceTerminating" or c.get("type") == "NamespaceTerminating" for c in causes):
+        return True
+    return "because it is being terminated" in str(error.body)

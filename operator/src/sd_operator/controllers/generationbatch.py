@@ -6,7 +6,6 @@ this batch's status); the controller owns phase, conditions, start and completio
 
 from __future__ import annotations
 
-import json
 import logging
 from typing import Any
 
@@ -70,23 +69,6 @@ def _owner(namespace: str, name: str, uid: str, labels: dict[str, str] | None = 
     return owner_object(KIND, namespace, name, uid, labels)
 
 
-def namespace_going(error: ApiException) -> bool:
-    """The API server refused a write because the namespace is being deleted (403 with the cause
-    NamespaceTerminating) or is gone (404 on an apply, which creates): children cannot, and need not, be made."""
-    if error.status == 404:
-        return True
-    if error.status != 403:
-        return False
-    try:
-        doc = json.loads(error.body or "{}")
-    except (TypeError, ValueError):
-        doc = {}
-    causes = ((doc.get("details") or {}).get("causes") or []) if isinstance(doc, dict) else []
-    if any(c.get("reason") == "NamespaceTerminating" or c.get("type") == "NamespaceTerminating" for c in causes):
-        return True
-    return "because it is being terminated" in str(error.body)
-
-
 def apply_children(owner: dict[str, Any], raw_spec: dict[str, Any], spec: GenerationBatchSpec, model: str) -> None:
     s = operator_settings()
     settings = RenderSettings(
@@ -124,7 +106,7 @@ def reconcile(body: kopf.Body, spec: kopf.Spec, name: str, namespace: str, logge
     try:
         apply_children(owner, dict(spec), parsed, model)
     except ApiException as e:
-        if not namespace_going(e):
+        if not kube.namespace_going(e):
             raise
         # The batch goes with its namespace: nothing to make, and nothing to retry.
         logger.info("namespace %s is being deleted; the batch's Job is not made", namespace)
@@ -217,7 +199,7 @@ def job_changed(
                 model = batch["status"].get("model") or resolve_model(parsed, namespace)
                 apply_children(owner, batch["spec"], parsed, model)
             except ApiException as e:
-                if not namespace_going(e):
+                if not kube.namespace_going(e):
                     raise
                 # A namespace's deletion removes the Job, possibly before it removes the batch (the index
                 # does not say "deleting" yet): the Job is not made again, and the refusal is no error.

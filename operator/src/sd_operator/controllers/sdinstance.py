@@ -34,7 +34,6 @@ from pydantic import ValidationError
 
 from sd_operator import API_GROUP, API_VERSION, kube
 from sd_operator.api.sdinstance import Phase, SDInstanceSpec
-from sd_operator.controllers.generationbatch import namespace_going
 from sd_operator.controllers.scalestore import ScaleStore
 from sd_operator.controllers.sdinstance_status import derive_status, pod_view
 from sd_operator.controllers.statusmemo import AppliedMemo, Backoff, Pending, StatusMemo
@@ -220,19 +219,19 @@ def reconcile_or_retry(
         logger.error("%s", e)
         kopf.event(ref, type="Warning", reason="InvalidSpec", message=str(e))
     except ApiException as e:
-        if not namespace_going(e):
-            raise_later(key, e, logger, ref, instances, pods)
+        if not kube.namespace_going(e):
+            retry_later(key, e, logger, ref, instances, pods)
             return
         # A namespace's deletion can remove a child before the instance is marked deleting: nothing to make.
         _retry_backoff.succeeded(key)
         logger.info("namespace %s is being deleted; the children are not applied again", key[0])
     except Exception as e:
-        raise_later(key, e, logger, ref, instances, pods)
+        retry_later(key, e, logger, ref, instances, pods)
     else:
         _retry_backoff.succeeded(key)
 
 
-def raise_later(
+def retry_later(
     key: tuple[str, str], e: Exception, logger: Logger, ref: dict[str, Any], instances: Index, pods: Index
 ) -> None:
     """A failed reconcile: logged, posted as a Warning Event, retried with backoff."""
